@@ -1,0 +1,1 @@
+"""Attacks to evaluate against: triggers and PoisonedEncoder (PE-I, PE-II)."""

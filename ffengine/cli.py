@@ -1,0 +1,274 @@
+"""The ``ffengine`` command: a thin layer over the Python API.
+
+Errors derived from FFEngineError print one line and exit 1 (``--debug`` shows the
+traceback); usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import FFEngineError
+
+
+def _add_attack_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--attack", default="pe2", choices=["pe1", "pe2"],
+                   help="PoisonedEncoder variant: pe1 (a whole trigger image) or pe2 (a patch)")
+    p.add_argument("--target-class", type=int, default=9, help="target class (9: truck)")
+    p.add_argument("--poison-rate", type=float, default=0.1,
+                   help="poisons added, as a fraction of the clean set's size")
+    p.add_argument("--trigger-size", type=int, default=8)
+    p.add_argument("--trigger-shape", default="square", choices=["square", "triangle", "logo"])
+    p.add_argument("--trigger-colour", default="random",
+                   help="'random' (a fixed random-colour pattern), 'r,g,b' or '#rrggbb'")
+    p.add_argument("--trigger-location", default="bottom-right",
+                   choices=["bottom-right", "bottom-left", "top-right", "top-left", "random"])
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _attack_config(a: argparse.Namespace):
+    from .attacks.poisoned_encoder import AttackConfig
+    from .attacks.triggers import TriggerConfig, parse_colour
+
+    trig = TriggerConfig(shape=a.trigger_shape, size=a.trigger_size,
+                         colour=parse_colour(a.trigger_colour), location=a.trigger_location,
+                         seed=a.seed)
+    return AttackConfig(attack=a.attack, target_class=a.target_class,
+                        poison_rate=a.poison_rate, trigger=trig, seed=a.seed)
+
+
+def _emit(obj: dict, as_json: bool, human: str) -> None:
+    print(human)
+    if as_json:
+        print(json.dumps(obj, sort_keys=True))
+
+
+def cmd_index(a: argparse.Namespace) -> int:
+    from .data.index import build_index
+
+    ix = build_index(a.shards, a.output, verify=not a.no_verify, progress=not a.quiet)
+    info = {"index": str(ix.path), "n": len(ix), "hash": ix.hash,
+            "n_corrupt": int(ix.metadata["n_corrupt"]), "domains": ix.domain_names}
+    _emit(info, a.json, f"indexed {len(ix)} samples ({info['n_corrupt']} corrupt) into "
+          f"{ix.path}")
+    return 0
+
+
+def _open_split(path: str | None, split: str):
+    from .data.demo_data import demo_index
+    from .data.index import SampleIndex
+
+    return SampleIndex(path) if path else demo_index(split)
+
+
+def cmd_poison(a: argparse.Namespace) -> int:
+    from .attacks.poisoned_encoder import poison_dataset
+
+    cfg = _attack_config(a)
+    truth = poison_dataset(_open_split(a.clean, "train"), _open_split(a.aux, "aux"), a.output,
+                           cfg)
+    info = {"output": a.output, "index": str(Path(a.output) / "index"), "n": truth["n"],
+            "n_poisoned": len(truth["poisoned_ids"]), "index_hash": truth["index_hash"]}
+    _emit(info, a.json, f"wrote {truth['n']} samples ({info['n_poisoned']} poisoned) to "
+          f"{a.output}; index at {info['index']}, ground truth at {a.output}/truth.json")
+    return 0
+
+
+def cmd_pretrain(a: argparse.Namespace) -> int:
+    from .data.index import SampleIndex
+    from .pretrain.simclr import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+                         weight_decay=a.weight_decay, schedule=a.schedule,
+                         temperature=a.temperature, ckpt_every=a.ckpt_every, seed=a.seed,
+                         bf16=a.bf16)
+    command = "ffengine " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    run = pretrain(SampleIndex(a.index), a.output, cfg, device=a.device, command=command,
+                   progress=not a.quiet)
+    info = {"run": str(run.path), "checkpoints": [c.epoch for c in run.checkpoints]}
+    _emit(info, a.json, f"run {run.path}: checkpoints at epochs {info['checkpoints']}")
+    return 0
+
+
+def _load_attack_of(data_dir: Path):
+    from PIL import Image
+
+    from .attacks.poisoned_encoder import AttackConfig, load_truth
+
+    truth = load_truth(data_dir)
+    cfg = AttackConfig.from_dict(truth["attack"])
+    trig = None
+    if (data_dir / "trigger.png").exists():
+        import numpy as np
+
+        trig = np.array(Image.open(data_dir / "trigger.png").convert("RGB"))
+    return cfg, trig, truth
+
+
+def cmd_instance(a: argparse.Namespace) -> int:
+    from .engine.backdoor import backdoor_strength, find_instance
+    from .run import Run
+
+    run = Run(a.run)
+    model = run.load_model(run.checkpoints[-1], a.device)
+    cfg, trig, _ = _load_attack_of(Path(a.data))
+    bank, test = _open_split(a.bank, "train"), _open_split(a.test, "test")
+    inst = find_instance(model, cfg, bank, test, trig)
+    inst.meta["strength"] = backdoor_strength(model, cfg, bank, test, trig)
+    inst.save(a.output)
+    _emit(inst.meta, a.json, f"instance written to {a.output}: x_b from "
+          f"{inst.meta['x_b_source']}, x_r = {inst.meta['x_r_source']} (cos "
+          f"{inst.meta['cos']:.3f}); asr {inst.meta['strength']['asr']:.3f} vs untriggered "
+          f"{inst.meta['strength']['asr_untriggered']:.3f}")
+    return 0
+
+
+def cmd_trace(a: argparse.Namespace) -> int:
+    from .data.index import SampleIndex
+    from .engine.instance import load_instance
+    from .engine.scoring import Engine
+    from .trace import trace
+
+    ckpts = a.checkpoints
+    if ckpts not in ("all", "last"):
+        ckpts = [int(x) for x in ckpts.split(",")]
+    engine = Engine(a.run, checkpoints=ckpts, device=a.device, backend=a.backend,
+                    draws=a.draws, aggregate=a.aggregate, batch_size=a.batch_size, seed=a.seed,
+                    workers=a.workers, progress=not a.quiet)
+    summary = trace(engine, SampleIndex(a.index), [load_instance(p) for p in a.instance],
+                    a.output, k=a.k, instance_paths=a.instance)
+    lines = [f"flagged {summary['n_flagged']} of {summary['n']} inputs (threshold "
+             f"{summary['threshold']:.4g}, k={a.k:g}); results in {a.output}",
+             (Path(a.output) / "domains.txt").read_text().rstrip()]
+    _emit(summary, a.json, "\n".join(lines))
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .evaluate import evaluate, format_metrics
+
+    m = evaluate(a.truth, a.results)
+    _emit(m, a.json, format_metrics(m))
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    res = run_demo(attack=a.attack, workdir=a.workdir, from_scratch=a.from_scratch,
+                   poison_rate=a.poison_rate, epochs=a.epochs, progress=not a.quiet)
+    _emit({k: v for k, v in res.items() if k != "report"}, a.json, res["report"])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ffengine", description=(
+        "Trace backdoors in vision foundation models back to their poisoned pre-training "
+        "inputs (FoundationForensics)."))
+    p.add_argument("--version", action="version", version=f"ffengine {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--json", action="store_true",
+                       help="also print one JSON object as the last line")
+        q.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    q = sub.add_parser("index", help="index WebDataset-style tar shards")
+    q.add_argument("shards", nargs="+")
+    q.add_argument("-o", "--output", required=True, help="index directory to write")
+    q.add_argument("--no-verify", action="store_true",
+                   help="do not decode every image while indexing")
+    common(q)
+    q.set_defaults(func=cmd_index)
+
+    q = sub.add_parser("poison", help="add PoisonedEncoder poisons to a clean data set")
+    q.add_argument("--clean", help="index of the clean pre-training data (default: bundled)")
+    q.add_argument("--aux", help="index of the attacker's images (default: bundled)")
+    q.add_argument("-o", "--output", required=True)
+    _add_attack_args(q)
+    common(q)
+    q.set_defaults(func=cmd_poison)
+
+    q = sub.add_parser("pretrain", help="SimCLR pre-training with checkpoints (resumes)")
+    q.add_argument("--index", required=True)
+    q.add_argument("-o", "--output", required=True, help="run directory")
+    q.add_argument("--model", default="mini", help="resnet18, small, mini or tiny")
+    q.add_argument("--epochs", type=int, default=75)
+    q.add_argument("--batch-size", type=int, default=256)
+    q.add_argument("--lr", type=float, default=1e-3)
+    q.add_argument("--weight-decay", type=float, default=1e-6)
+    q.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
+    q.add_argument("--temperature", type=float, default=0.5)
+    q.add_argument("--ckpt-every", type=int, default=15)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU, AMX CPUs)")
+    q.add_argument("--device", default="cpu")
+    common(q)
+    q.set_defaults(func=cmd_pretrain)
+
+    q = sub.add_parser("instance", help="find a backdoor instance (x_b, x_r)")
+    q.add_argument("--run", required=True)
+    q.add_argument("--data", required=True, help="the poisoned data directory (truth.json)")
+    q.add_argument("--bank", help="labelled clean images for k-NN (default: bundled train)")
+    q.add_argument("--test", help="labelled test images (default: bundled test)")
+    q.add_argument("-o", "--output", required=True)
+    q.add_argument("--device", default="cpu")
+    common(q)
+    q.set_defaults(func=cmd_instance)
+
+    q = sub.add_parser("trace", help="score, flag and aggregate by domain")
+    q.add_argument("--run", required=True)
+    q.add_argument("--index", required=True)
+    q.add_argument("--instance", required=True, nargs="+", help="one or more instance dirs")
+    q.add_argument("-o", "--output", required=True)
+    q.add_argument("--k", type=float, default=3.0, help="MAD multiplier (paper: 3)")
+    q.add_argument("--checkpoints", default="all", help="all, last, or epochs like 15,75")
+    q.add_argument("--draws", type=int, default=1, help="augmentation draws per sample")
+    q.add_argument("--aggregate", default="mean", choices=["mean", "max", "median"])
+    q.add_argument("--batch-size", type=int, default=None)
+    q.add_argument("--backend", default="auto",
+                   choices=["auto", "torch", "cpu", "triton", "cuda"])
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--workers", type=int, default=0, help="image-decoding processes")
+    q.add_argument("--seed", type=int, default=0)
+    common(q)
+    q.set_defaults(func=cmd_trace)
+
+    q = sub.add_parser("eval", help="DACC, FPR, FNR, AUC of a trace against the truth")
+    q.add_argument("--truth", required=True, help="truth.json (or its directory)")
+    q.add_argument("results", help="a trace result directory")
+    common(q)
+    q.set_defaults(func=cmd_eval)
+
+    q = sub.add_parser("demo", help="poison -> pretrain -> instance -> trace -> eval")
+    q.add_argument("--attack", default="pe2", choices=["pe1", "pe2"])
+    q.add_argument("--workdir", default="ffengine-demo")
+    q.add_argument("--from-scratch", action="store_true",
+                   help="pre-train instead of using the bundled run")
+    q.add_argument("--poison-rate", type=float, default=None)
+    q.add_argument("--epochs", type=int, default=None, help="with --from-scratch")
+    common(q)
+    q.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except FFEngineError as e:
+        if args.debug:
+            raise
+        print(f"ffengine {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: the sample index, shards, adapters, augmentations and the bundled demo data."""

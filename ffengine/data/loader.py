@@ -1,0 +1,86 @@
+"""Decode index samples into padded uint8 batches, skipping (and reporting) corrupt images."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from .index import FLAG_CORRUPT, SampleIndex
+
+
+@dataclass
+class DecodedBatch:
+    """Images top-left aligned in a (B, 3, Hmax, Wmax) uint8 tensor.
+
+    ids: (B,) sample ids of the decoded images; sizes: (B, 2) their true (H, W);
+    skipped: (id, reason) of the requested samples that could not be decoded.
+    """
+
+    images: torch.Tensor
+    sizes: np.ndarray
+    ids: np.ndarray
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def pad_images(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
+    """(H, W, 3) uint8 arrays -> (B, 3, Hmax, Wmax) uint8 tensor and (B, 2) sizes."""
+    sizes = np.array([a.shape[:2] for a in arrays], dtype=np.int64).reshape(-1, 2)
+    hmax, wmax = (sizes.max(0) if len(arrays) else (0, 0))
+    out = torch.zeros((len(arrays), 3, int(hmax), int(wmax)), dtype=torch.uint8)
+    for k, a in enumerate(arrays):
+        out[k, :, : a.shape[0], : a.shape[1]] = torch.from_numpy(np.ascontiguousarray(a)).permute(
+            2, 0, 1)
+    return out, sizes
+
+
+def decode_ids(index: SampleIndex, ids: Sequence[int]) -> DecodedBatch:
+    arrays, good, skipped = [], [], []
+    flags = np.asarray(index.records["flags"])
+    for i in ids:
+        i = int(i)
+        if flags[i] & FLAG_CORRUPT:
+            skipped.append((i, "flagged corrupt when indexed"))
+            continue
+        try:
+            arrays.append(index.image(i))
+            good.append(i)
+        except DataError as e:
+            skipped.append((i, str(e)))
+    images, sizes = pad_images(arrays)
+    return DecodedBatch(images, sizes, np.asarray(good, dtype=np.int64), skipped)
+
+
+class _ChunkDataset(torch.utils.data.Dataset):
+    def __init__(self, index: SampleIndex, chunks: list[np.ndarray]):
+        self.index, self.chunks = index, chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, k: int) -> DecodedBatch:
+        return decode_ids(self.index, self.chunks[k])
+
+
+def iter_decoded(index: SampleIndex, ids: np.ndarray, chunk: int, workers: int = 0,
+                 pin_memory: bool = False) -> Iterator[DecodedBatch]:
+    """Decode ``ids`` in order, ``chunk`` at a time; with ``workers`` > 0 decoding runs in
+    worker processes, overlapping the caller's compute."""
+    chunks = [ids[s: s + chunk] for s in range(0, len(ids), chunk)]
+    loader = torch.utils.data.DataLoader(
+        _ChunkDataset(index, chunks), batch_size=None, shuffle=False, num_workers=workers,
+        pin_memory=pin_memory, prefetch_factor=2 if workers > 0 else None,
+        persistent_workers=False)
+    yield from loader
+
+
+def decode_all(index: SampleIndex, ids: np.ndarray | None = None) -> DecodedBatch:
+    """Every requested sample in one batch (small data sets: the demo, tests, pre-training)."""
+    ids = np.arange(len(index)) if ids is None else np.asarray(ids)
+    return decode_ids(index, ids)

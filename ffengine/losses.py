@@ -1,0 +1,65 @@
+"""Contrastive losses: the pre-training NT-Xent and the per-sample surrogate used in scoring.
+
+Views are laid out (2B, d): rows ``i`` and ``B + i`` are the two views of sample ``i``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent over a batch of 2B views, mean over the 2B anchors."""
+    n = z.shape[0]
+    if n % 2:
+        raise ValueError(f"nt_xent needs an even number of views (2B), got {n}.")
+    b = n // 2
+    u = F.normalize(z.float(), dim=1)
+    logits = u @ u.T / temperature
+    logits = logits.masked_fill(torch.eye(n, dtype=torch.bool, device=z.device), float("-inf"))
+    pos = torch.cat([torch.arange(b, n), torch.arange(0, b)]).to(z.device)
+    return F.cross_entropy(logits, pos)
+
+
+def nt_xent_per_sample_sum(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``Σ_i ℓ_pre(x_i)`` with the other batch members detached for each sample's term.
+
+    ``ℓ_pre(x_i) = (ℓ^a + ℓ^b) / 2`` (DESIGN.md §2); in sample ``i``'s term only its own two
+    views ``a, b`` carry gradient. So one backward of this sum puts exactly
+    ``∂ℓ_pre(x_i)/∂z_{i,v}`` on each view row: the per-sample backprop signal the ghost
+    algebra needs.
+    """
+    n = z.shape[0]
+    if n % 2:
+        raise ValueError(f"the per-sample loss needs an even number of views (2B), got {n}.")
+    b = n // 2
+    u = F.normalize(z, dim=1)
+    partner = torch.cat([u[b:], u[:b]])
+    pos = (u * partner).sum(1) / temperature  # both views live
+    sims = u @ u.detach().T / temperature  # anchor live, every other view detached
+    eye = torch.eye(n, dtype=torch.bool, device=z.device)
+    pos_mask = torch.zeros_like(eye)
+    idx = torch.arange(n, device=z.device)
+    pos_mask[idx, torch.cat([idx[b:], idx[:b]])] = True
+    # the partner column carries the fully live positive similarity
+    sims = torch.where(pos_mask, pos.unsqueeze(1).expand(-1, n), sims)
+    sims = sims.masked_fill(eye, float("-inf"))
+    per_view = torch.logsumexp(sims, dim=1) - pos
+    return per_view.sum() / 2
+
+
+def nt_xent_sample_loss(z: torch.Tensor, i: int, temperature: float) -> torch.Tensor:
+    """``ℓ_pre(x_i)`` alone, the other views detached: the slow reference's loss."""
+    n = z.shape[0]
+    b = n // 2
+    live = torch.zeros(n, dtype=torch.bool, device=z.device)
+    live[[i, b + i]] = True
+    zz = torch.where(live.unsqueeze(1), z, z.detach())
+    u = F.normalize(zz, dim=1)
+    total = z.new_zeros(())
+    for a, p in ((i, b + i), (b + i, i)):
+        logits = (u[a] @ u.T) / temperature
+        logits = torch.cat([logits[:a], logits[a + 1:]])
+        total = total + torch.logsumexp(logits, 0) - (u[a] @ u[p]) / temperature
+    return total / 2

@@ -1,0 +1,1 @@
+"""Pre-training: SimCLR on a sample index."""

@@ -1,0 +1,174 @@
+"""Human-facing outputs of a detection run: the score histogram figure and per-domain table.
+
+The figure is drawn on a bare ``matplotlib.figure.Figure`` with the Agg canvas (no pyplot,
+no GUI backend, no global state) and written atomically. Histograms are accumulated chunk by
+chunk with fixed bin edges, so memmapped score files of any size can be plotted.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ffengine.errors import ConfigError, DataError
+from ffengine.io_utils import atomic_write_bytes
+
+__all__ = ["domain_table", "format_domain_table", "plot_score_distribution"]
+
+_CHUNK = 1 << 22
+_CLEAN_COLOR = "#4C72B0"
+_POISON_COLOR = "#C44E52"
+
+
+def _finite_range(scores: np.ndarray) -> tuple[float, float, int, int]:
+    lo, hi, n_nan, n_inf = np.inf, -np.inf, 0, 0
+    for start in range(0, scores.shape[0], _CHUNK):
+        c = np.asarray(scores[start : start + _CHUNK], np.float64)
+        fin = np.isfinite(c)
+        n_nan += int(np.isnan(c).sum())
+        n_inf += int(np.isinf(c).sum())
+        if fin.any():
+            lo, hi = min(lo, float(c[fin].min())), max(hi, float(c[fin].max()))
+    return lo, hi, n_nan, n_inf
+
+
+def plot_score_distribution(
+    scores: np.ndarray,
+    threshold: float,
+    path: str | os.PathLike[str],
+    truth_ids: Sequence[int] | np.ndarray | None = None,
+    title: str | None = None,
+    *,
+    bins: int = 100,
+) -> Path:
+    """Histogram of ``scores`` (shape ``(n,)``, log-scaled counts) with the threshold line.
+
+    With ``truth_ids`` the poisoned and clean samples are drawn in separate colours (as in
+    Figure 2 of the FoundationForensics paper). NaN and infinite scores cannot be placed on
+    the axis: they are left out and their number is noted in the legend. The format follows
+    the suffix of ``path`` (``.png``, ``.pdf``, ``.svg``); the file is written atomically.
+    Returns ``path``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    scores = scores if isinstance(scores, np.ndarray) else np.asarray(scores)
+    if scores.ndim != 1 or scores.shape[0] == 0:
+        raise DataError(f"scores must be a non-empty 1-D array; received shape {scores.shape}")
+    if int(bins) < 1:
+        raise ConfigError(f"bins must be >= 1; received {bins}")
+    n = scores.shape[0]
+    lo, hi, n_nan, n_inf = _finite_range(scores)
+    thr = float(threshold)
+    if not np.isfinite(lo):  # no finite score at all: draw an empty axis around the threshold
+        lo, hi = (thr, thr) if np.isfinite(thr) else (0.0, 1.0)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    edges = np.linspace(lo, hi, int(bins) + 1)
+
+    def hist_of(values: np.ndarray) -> np.ndarray:
+        v = values[np.isfinite(values)]
+        return np.histogram(v, bins=edges)[0].astype(np.int64)
+
+    total = np.zeros(int(bins), np.int64)
+    for start in range(0, n, _CHUNK):
+        total += hist_of(np.asarray(scores[start : start + _CHUNK], np.float64))
+
+    fig = Figure(figsize=(6.4, 4.0), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    centers = (edges[:-1] + edges[1:]) / 2
+    if truth_ids is not None:
+        truth = np.unique(np.asarray(truth_ids, np.int64))
+        if truth.size and (truth[0] < 0 or truth[-1] >= n):
+            raise DataError(f"truth_ids must lie in [0, {n}); received ids up to {truth[-1]}")
+        poison = hist_of(np.asarray(scores[truth], np.float64))
+        clean = total - poison
+        ax.hist(centers, bins=edges, weights=clean, color=_CLEAN_COLOR, alpha=0.75,
+                label=f"clean ({n - truth.size})")
+        ax.hist(centers, bins=edges, weights=poison, color=_POISON_COLOR, alpha=0.75,
+                label=f"poisoned ({truth.size})")
+    else:
+        ax.hist(centers, bins=edges, weights=total, color=_CLEAN_COLOR, alpha=0.85,
+                label=f"all ({n})")
+    ax.axvline(thr, color="black", linestyle="--", linewidth=1.2, label=f"threshold {thr:.4g}")
+    if n_nan or n_inf:
+        ax.plot([], [], " ", label=f"not shown: {n_nan} NaN, {n_inf} inf")
+    if total.any():  # a log axis needs a positive count (all-NaN input has none)
+        ax.set_yscale("log", nonpositive="clip")
+    ax.set_xlabel("score")
+    ax.set_ylabel("number of samples (log)")
+    if title:
+        ax.set_title(title)
+    ax.legend(frameon=False, fontsize="small")
+    fig.tight_layout()
+
+    dest = Path(path)
+    fmt = dest.suffix.lstrip(".").lower() or "png"
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt)
+    return atomic_write_bytes(dest, buf.getvalue())
+
+
+def domain_table(
+    flagged_ids: Sequence[int] | np.ndarray,
+    domain_ids: Sequence[int] | np.ndarray,
+    domain_names: Sequence[str] | Mapping[int, str],
+) -> list[dict[str, Any]]:
+    """Per-domain flag counts, most suspicious first.
+
+    ``domain_ids`` (shape ``(n,)``) gives each sample's domain index into ``domain_names``.
+    Rows ``{"domain", "flagged", "total", "rate"}`` (``rate = flagged / total``) for every
+    domain with at least one sample, sorted by flagged count, then rate (both descending),
+    then name.
+    """
+    dom = np.asarray(domain_ids)
+    if dom.ndim != 1 or (dom.size and dom.dtype.kind not in "iu"):
+        raise DataError(f"domain_ids must be 1-D integers; received {dom.dtype} {dom.shape}")
+    dom = dom.astype(np.int64)
+    names = dict(domain_names) if isinstance(domain_names, Mapping) else dict(
+        enumerate(domain_names))
+    n_dom = max(names, default=-1) + 1
+    if dom.size and (dom.min() < 0 or dom.max() >= n_dom or not np.isin(dom, list(names)).all()):
+        raise DataError("domain_ids refer to domains without a name in domain_names")
+    flagged = np.asarray(flagged_ids)
+    if flagged.size:
+        if flagged.dtype.kind not in "iu":
+            raise DataError(f"flagged_ids must be integers; received dtype {flagged.dtype}")
+        flagged = flagged.astype(np.int64)
+        if flagged.min() < 0 or flagged.max() >= dom.shape[0]:
+            raise DataError(f"flagged_ids must lie in [0, {dom.shape[0]})")
+        if np.unique(flagged).shape[0] != flagged.shape[0]:
+            raise DataError("flagged_ids has duplicated ids")
+    else:
+        flagged = np.zeros(0, np.int64)
+    totals = np.bincount(dom, minlength=n_dom)
+    hits = np.bincount(dom[flagged], minlength=n_dom)
+    rows = [
+        {"domain": str(names[d]), "flagged": int(hits[d]), "total": int(totals[d]),
+         "rate": float(hits[d] / totals[d])}
+        for d in sorted(names) if totals[d] > 0
+    ]
+    rows.sort(key=lambda r: (-r["flagged"], -r["rate"], r["domain"]))
+    return rows
+
+
+def format_domain_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Fixed-width text table of :func:`domain_table` rows (rate as a percentage)."""
+    header = ("domain", "flagged", "total", "rate")
+    cells = [(str(r["domain"]), str(int(r["flagged"])), str(int(r["total"])),
+              f"{100.0 * float(r['rate']):.2f}%") for r in rows]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(header)]
+
+    def line(c: Sequence[str]) -> str:
+        first = c[0].ljust(widths[0])
+        rest = "  ".join(v.rjust(w) for v, w in zip(c[1:], widths[1:], strict=True))
+        return f"{first}  {rest}".rstrip()
+
+    sep = "-" * (sum(widths) + 2 * (len(widths) - 1))
+    return "\n".join([line(header), sep, *(line(c) for c in cells)]) + "\n"
