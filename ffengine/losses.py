@@ -15,7 +15,8 @@ def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
     if n % 2:
         raise ValueError(f"nt_xent needs an even number of views (2B), got {n}.")
     b = n // 2
-    u = F.normalize(z.float(), dim=1)
+    # reduced-precision embeddings (autocast) are normalized in float32
+    u = F.normalize(z.float() if z.dtype in (torch.bfloat16, torch.float16) else z, dim=1)
     logits = u @ u.T / temperature
     logits = logits.masked_fill(torch.eye(n, dtype=torch.bool, device=z.device), float("-inf"))
     pos = torch.cat([torch.arange(b, n), torch.arange(0, b)]).to(z.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +21,12 @@ TOLERANCES: dict[torch.dtype, float] = {
 def rng() -> torch.Generator:
     """A seeded CPU generator for fresh, reproducible random inputs."""
     return torch.Generator().manual_seed(SEED)
+
+
+@pytest.fixture
+def np_rng() -> np.random.Generator:
+    """A seeded numpy generator for fresh, reproducible random inputs."""
+    return np.random.default_rng(SEED)
 
 
 @pytest.fixture

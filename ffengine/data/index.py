@@ -286,6 +286,17 @@ class SampleIndex:
             fh.close()
         self._files.clear()
 
+    def __enter__(self) -> SampleIndex:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # shard handles are opened lazily; close them with the index
+        files = getattr(self, "_files", None)
+        if files:
+            self.close()
+
     def __getstate__(self):  # file handles stay per process (DataLoader workers)
         state = self.__dict__.copy()
         state["_files"] = {}

@@ -71,11 +71,20 @@ def iter_shard(path: str | Path, hasher: hashlib._Hash | None = None) -> Iterato
                     if ext in ("cls", "json", "txt"):
                         f = tar.extractfile(member)
                         current.small[ext] = f.read() if f is not None else b""
+                end = tar.offset  # where the reader looked for the next header
         except tarfile.TarError as e:
             raise DataError(
                 f"shard {path} is not a readable tar file ({e}); it may be truncated. "
                 "Re-create it or leave it out of the index."
             ) from e
+        # tarfile ends quietly at a missing or partial header; a complete archive has its
+        # end-of-archive (zero) block there, a file cut at a block boundary has none.
+        size = os.fstat(fh.fileno()).st_size
+        if size - end < tarfile.BLOCKSIZE:
+            raise DataError(
+                f"shard {path} is truncated: it ends at byte {size} without the tar "
+                "end-of-archive block, so samples after it are missing. Re-create it or "
+                "leave it out of the index.")
         if current is not None:
             yield current
         if hasher is not None:  # hash the tail the tar reader did not consume

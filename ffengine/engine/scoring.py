@@ -26,6 +26,7 @@ from ..data.loader import iter_decoded
 from ..errors import ConfigError
 from ..ops.ghost_score import resolve_backend
 from ..run import Checkpoint, Run
+from ..reference.scoring import score_batch_reference
 from .cosine import cosine_gradients
 from .head import ghost_terms, head_signals, normalized_scores, scored_modules
 from .instance import Instance
@@ -78,13 +79,15 @@ class Engine:
         aggregate: how per-draw scores combine: mean, max or median.
         batch_size: scoring batch (the negatives); default: the pre-training batch size.
         seed: seeds the sample order and the scoring views.
+        reference: score with the slow per-sample autograd reference instead of the ghost
+            fast path (same batches, views and negatives): for tests and audits.
     """
 
     def __init__(self, run: Run | str | Path, checkpoints: str | Sequence[int] = "all",
                  device: torch.device | str = "cpu", backend: str | None = "auto",
                  draws: int = 1, aggregate: str = "mean", batch_size: int | None = None,
                  seed: int = 0, chunk_batches: int = 16, workers: int = 0,
-                 progress: bool = True):
+                 progress: bool = True, reference: bool = False):
         self.run = run if isinstance(run, Run) else Run(run)
         self.device = torch.device(device)
         self.backend = resolve_backend(backend)
@@ -95,6 +98,7 @@ class Engine:
         self.draws, self.aggregate, self.seed = draws, aggregate, seed
         self.batch_size = batch_size or int(self.run.manifest["training"]["batch_size"])
         self.chunk_batches, self.workers, self.progress = chunk_batches, workers, progress
+        self.reference = reference
         self.checkpoints = self._select(checkpoints)
 
     def _select(self, which: str | Sequence[int]) -> list[Checkpoint]:
@@ -153,9 +157,14 @@ class Engine:
                                                 ckpt.epoch, d, aug)
                     for sel in subsets:
                         f = torch.cat([feats[0][sel], feats[1][sel]])
-                        sig = head_signals(model.head, f, mods, tau)
-                        dots, sq = ghost_terms(sig, grads[t], views=2, backend=self.backend)
-                        s = normalized_scores(dots, sq) * ckpt.lr
+                        if self.reference:
+                            s = score_batch_reference(model, f, grads[t], layers, tau)
+                        else:
+                            sig = head_signals(model.head, f, mods, tau)
+                            dots, sq = ghost_terms(sig, grads[t], views=2,
+                                                   backend=self.backend)
+                            s = normalized_scores(dots, sq)
+                        s = s * ckpt.lr
                         terms[t, d, batch.ids[sel]] = s.float().cpu().numpy()
             bar.update(len(batch) + len(batch.skipped))
         bar.close()

@@ -74,12 +74,15 @@ def pretrain(index: SampleIndex, out: str | Path, cfg: PretrainConfig,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     mcfg = cfg.model_config()
-    model = build_model(mcfg).to(device)
+    with torch.random.fork_rng(devices=[]):  # the seed fixes the init, not global state
+        torch.manual_seed(cfg.seed)
+        model = build_model(mcfg).to(device)
     fmt = torch.channels_last if cfg.bf16 or device.type == "cuda" else torch.contiguous_format
     model = model.to(memory_format=fmt)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     manifest = new_manifest(mcfg, cfg.augment, str(index.path), index.hash, cfg.temperature,
                             cfg.settings(), command)
+    manifest = json.loads(json.dumps(manifest))  # tuples -> lists, as read back from disk
     start_epoch, step = 1, 0
     if (out / MANIFEST).exists():
         run = Run(out)
