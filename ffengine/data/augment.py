@@ -140,6 +140,23 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
 
+def _replicate_pad(x: torch.Tensor, sizes: np.ndarray) -> torch.Tensor:
+    """Fill each slot beyond its image's true (H, W) with the image's edge pixels, so that
+    bilinear sampling at the bottom and right borders reads the image's own edge (as for an
+    unpadded image) and never the zeros of the padding: a view does not depend on the
+    sizes of the other images in its batch."""
+    B, C, H, W = x.shape
+    if (sizes[:, 0] == H).all() and (sizes[:, 1] == W).all():
+        return x
+    dev = x.device
+    h = torch.as_tensor(sizes[:, 0], dtype=torch.int64, device=dev)
+    w = torch.as_tensor(sizes[:, 1], dtype=torch.int64, device=dev)
+    ys = torch.minimum(torch.arange(H, device=dev)[None], (h - 1)[:, None])  # (B, H)
+    xs = torch.minimum(torch.arange(W, device=dev)[None], (w - 1)[:, None])  # (B, W)
+    x = x.gather(2, ys[:, None, :, None].expand(B, C, H, W))
+    return x.gather(3, xs[:, None, None, :].expand(B, C, H, W))
+
+
 def augment_batch(images: torch.Tensor, sizes: torch.Tensor | np.ndarray, ids: np.ndarray,
                   seed: int, stream: int, cfg: AugmentConfig) -> torch.Tensor:
     """One view of each image.
@@ -153,6 +170,7 @@ def augment_batch(images: torch.Tensor, sizes: torch.Tensor | np.ndarray, ids: n
     B = len(ids)
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
     dev = x.device
+    x = _replicate_pad(x, sizes)
     boxes = crop_boxes(u, sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64), cfg)
     rois = torch.from_numpy(np.concatenate([np.arange(B)[:, None], boxes], 1)).float().to(dev)
     x = roi_align(x, rois, output_size=cfg.size, spatial_scale=1.0, sampling_ratio=0,
