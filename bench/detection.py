@@ -29,7 +29,7 @@ from ffengine.attacks.poisoned_encoder import AttackConfig, poison_dataset
 from ffengine.attacks.triggers import TriggerConfig
 from ffengine.data.demo_data import demo_index
 from ffengine.data.index import SampleIndex
-from ffengine.engine.backdoor import backdoor_strength, find_instance
+from ffengine.engine.backdoor import backdoor_strength, find_instance, knn_bank
 from ffengine.engine.instance import load_instance
 from ffengine.engine.scoring import Engine
 from ffengine.evaluate import evaluate
@@ -137,9 +137,10 @@ def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool)
         strength = json.loads(strength_path.read_text())
     else:
         model = run.load_model(run.checkpoints[-1])
-        strength = backdoor_strength(model, acfg, demo_index("train"), demo_index("test"), trig)
-        find_instance(model, acfg, demo_index("train"), demo_index("test"), trig).save(
-            work / "instance")
+        bank, test = demo_index("train"), demo_index("test")
+        knn = knn_bank(model, bank)
+        strength = backdoor_strength(model, acfg, bank, test, trig, knn=knn)
+        find_instance(model, acfg, bank, test, trig, knn=knn).save(work / "instance")
         atomic_write_json(strength_path, strength)
     inst = load_instance(work / "instance")
     took = (strength["asr"] >= TOOK_MIN_ASR

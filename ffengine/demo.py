@@ -17,7 +17,7 @@ from PIL import Image
 from .attacks.poisoned_encoder import AttackConfig, load_truth, poison_dataset
 from .data.demo_data import DEMO_ROOT, demo_index
 from .data.index import SampleIndex
-from .engine.backdoor import backdoor_strength, find_instance
+from .engine.backdoor import backdoor_strength, find_instance, knn_bank
 from .engine.scoring import Engine
 from .errors import ManifestMismatchError
 from .evaluate import evaluate, format_metrics
@@ -74,8 +74,9 @@ def run_demo(attack: str = "pe2", workdir: str | Path = "ffengine-demo",
     trig = (np.array(Image.open(data_dir / "trigger.png").convert("RGB"))
             if (data_dir / "trigger.png").exists() else None)
     bank, test = demo_index("train"), demo_index("test")
-    strength = backdoor_strength(model_final, cfg, bank, test, trig)
-    inst = find_instance(model_final, cfg, bank, test, trig)
+    knn = knn_bank(model_final, bank)
+    strength = backdoor_strength(model_final, cfg, bank, test, trig, knn=knn)
+    inst = find_instance(model_final, cfg, bank, test, trig, knn=knn)
     inst.save(work / "instance")
     timings["instance_s"] = time.perf_counter() - t
 

@@ -71,14 +71,20 @@ def triggered_test_images(cfg: AttackConfig, test: SampleIndex, trigger_image: n
     return ids, clean, trig
 
 
-def backdoor_strength(model: SimCLRModel, cfg: AttackConfig, bank: SampleIndex,
-                      test: SampleIndex, trigger_image: np.ndarray | None = None,
-                      k: int = 20) -> dict:
-    """``asr`` and ``asr_untriggered`` (see the module docstring)."""
+def knn_bank(model: SimCLRModel, bank: SampleIndex) -> tuple[torch.Tensor, np.ndarray]:
+    """Normalized backbone features and labels of the labelled images of ``bank``."""
     model.eval()
     good = np.flatnonzero(bank.labels >= 0)
-    feats = embed_images(model, [bank.image(int(i)) for i in good], head=False)
-    labels = bank.labels[good]
+    return embed_images(model, [bank.image(int(i)) for i in good], head=False), bank.labels[good]
+
+
+def backdoor_strength(model: SimCLRModel, cfg: AttackConfig, bank: SampleIndex,
+                      test: SampleIndex, trigger_image: np.ndarray | None = None,
+                      k: int = 20, knn: tuple[torch.Tensor, np.ndarray] | None = None) -> dict:
+    """``asr`` and ``asr_untriggered`` (see the module docstring). ``knn``: the output of
+    :func:`knn_bank`, when the caller already has it."""
+    model.eval()
+    feats, labels = knn if knn is not None else knn_bank(model, bank)
     _, clean, trig = triggered_test_images(cfg, test, trigger_image)
     pred_t = knn_predict(embed_images(model, trig, head=False), feats, labels, k)
     pred_c = knn_predict(embed_images(model, clean, head=False), feats, labels, k)
@@ -88,17 +94,18 @@ def backdoor_strength(model: SimCLRModel, cfg: AttackConfig, bank: SampleIndex,
 
 
 def find_instance(model: SimCLRModel, cfg: AttackConfig, bank: SampleIndex, test: SampleIndex,
-                  trigger_image: np.ndarray | None = None, k: int = 20) -> Instance:
+                  trigger_image: np.ndarray | None = None, k: int = 20,
+                  knn: tuple[torch.Tensor, np.ndarray] | None = None) -> Instance:
     """The paper's default instance: a triggered test image the backdoor took, and the
     closest clean test image to it in embedding space as ``x_r``."""
     model.eval()
     ids, clean, trig = triggered_test_images(cfg, test, trigger_image)
-    good = np.flatnonzero(bank.labels >= 0)
-    bank_feats = embed_images(model, [bank.image(int(i)) for i in good], head=False)
-    pred = knn_predict(embed_images(model, trig, head=False), bank_feats, bank.labels[good], k)
+    bank_feats, bank_labels = knn if knn is not None else knn_bank(model, bank)
+    pred = knn_predict(embed_images(model, trig, head=False), bank_feats, bank_labels, k)
     hits = np.flatnonzero(pred == cfg.target_class)
     order = np.random.default_rng([cfg.seed, 4]).permutation(len(ids))
-    pick = next((j for j in order if j in set(hits.tolist())), order[0])
+    hit_set = set(hits.tolist())
+    pick = next((j for j in order if j in hit_set), order[0])
     x_b = trig[pick]
     pool = [j for j in range(len(test)) if j != ids[pick]]
     pool_emb = embed_images(model, [test.image(j) for j in pool], head=True)
