@@ -111,15 +111,16 @@ def _load_attack_of(data_dir: Path):
 
 
 def cmd_instance(a: argparse.Namespace) -> int:
-    from .engine.backdoor import backdoor_strength, find_instance
+    from .engine.backdoor import backdoor_strength, find_instance, knn_bank
     from .run import Run
 
     run = Run(a.run)
     model = run.load_model(run.checkpoints[-1], a.device)
     cfg, trig, _ = _load_attack_of(Path(a.data))
     bank, test = _open_split(a.bank, "train"), _open_split(a.test, "test")
-    inst = find_instance(model, cfg, bank, test, trig)
-    inst.meta["strength"] = backdoor_strength(model, cfg, bank, test, trig)
+    knn = knn_bank(model, bank)
+    inst = find_instance(model, cfg, bank, test, trig, knn=knn)
+    inst.meta["strength"] = backdoor_strength(model, cfg, bank, test, trig, knn=knn)
     inst.save(a.output)
     _emit(inst.meta, a.json, f"instance written to {a.output}: x_b from "
           f"{inst.meta['x_b_source']}, x_r = {inst.meta['x_r_source']} (cos "
@@ -129,7 +130,10 @@ def cmd_instance(a: argparse.Namespace) -> int:
 
 
 def cmd_trace(a: argparse.Namespace) -> int:
+    import datetime
+
     from .data.index import SampleIndex
+    from .engine.distributed import local_device, process_group_from_env
     from .engine.instance import load_instance
     from .engine.scoring import Engine
     from .trace import trace
@@ -137,11 +141,16 @@ def cmd_trace(a: argparse.Namespace) -> int:
     ckpts = a.checkpoints
     if ckpts not in ("all", "last"):
         ckpts = [int(x) for x in ckpts.split(",")]
-    engine = Engine(a.run, checkpoints=ckpts, device=a.device, backend=a.backend,
-                    draws=a.draws, aggregate=a.aggregate, batch_size=a.batch_size, seed=a.seed,
-                    workers=a.workers, progress=not a.quiet)
-    summary = trace(engine, SampleIndex(a.index), [load_instance(p) for p in a.instance],
-                    a.output, k=a.k, instance_paths=a.instance)
+    timeout = datetime.timedelta(minutes=a.dist_timeout)
+    with process_group_from_env(a.device, timeout=timeout) as dist:
+        engine = Engine(a.run, checkpoints=ckpts, device=local_device(a.device),
+                        backend=a.backend, draws=a.draws, aggregate=a.aggregate,
+                        batch_size=a.batch_size, seed=a.seed, chunk_batches=a.chunk_batches,
+                        workers=a.workers, progress=not a.quiet and dist.is_main)
+        summary = trace(engine, SampleIndex(a.index), [load_instance(p) for p in a.instance],
+                        a.output, k=a.k, instance_paths=a.instance, dist=dist)
+    if summary is None:  # ranks other than 0: rank 0 reports
+        return 0
     lines = [f"flagged {summary['n_flagged']} of {summary['n']} inputs (threshold "
              f"{summary['threshold']:.4g}, k={a.k:g}); results in {a.output}",
              (Path(a.output) / "domains.txt").read_text().rstrip()]
@@ -161,7 +170,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
     res = run_demo(attack=a.attack, workdir=a.workdir, from_scratch=a.from_scratch,
-                   poison_rate=a.poison_rate, epochs=a.epochs, progress=not a.quiet)
+                   poison_rate=a.poison_rate, epochs=a.epochs, model=a.model,
+                   progress=not a.quiet)
     _emit({k: v for k, v in res.items() if k != "report"}, a.json, res["report"])
     return 0
 
@@ -222,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(q)
     q.set_defaults(func=cmd_instance)
 
-    q = sub.add_parser("trace", help="score, flag and aggregate by domain")
+    q = sub.add_parser("trace", help="score, flag and aggregate by domain (resumes; runs "
+                       "sharded under torchrun)")
     q.add_argument("--run", required=True)
     q.add_argument("--index", required=True)
     q.add_argument("--instance", required=True, nargs="+", help="one or more instance dirs")
@@ -231,7 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--checkpoints", default="all", help="all, last, or epochs like 15,75")
     q.add_argument("--draws", type=int, default=1, help="augmentation draws per sample")
     q.add_argument("--aggregate", default="mean", choices=["mean", "max", "median"])
-    q.add_argument("--batch-size", type=int, default=None)
+    q.add_argument("--batch-size", type=int, default=None,
+                   help="scoring batch: the negatives (default: pre-training batch size)")
+    q.add_argument("--chunk-batches", type=int, default=16,
+                   help="batches per chunk: the unit of resumption and of sharding")
+    q.add_argument("--dist-timeout", type=float, default=24 * 60,
+                   help="minutes a process waits for the others under torchrun")
     q.add_argument("--backend", default="auto",
                    choices=["auto", "torch", "cpu", "triton", "cuda"])
     q.add_argument("--device", default="cpu")
@@ -253,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pre-train instead of using the bundled run")
     q.add_argument("--poison-rate", type=float, default=None)
     q.add_argument("--epochs", type=int, default=None, help="with --from-scratch")
+    q.add_argument("--model", default="mini", help="with --from-scratch: the model preset")
     common(q)
     q.set_defaults(func=cmd_demo)
     return p

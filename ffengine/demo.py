@@ -39,8 +39,10 @@ def run_demo(attack: str = "pe2", workdir: str | Path = "ffengine-demo",
              from_scratch: bool = False, poison_rate: float | None = None,
              epochs: int | None = None, model: str = "mini", progress: bool = True) -> dict:
     t0 = time.perf_counter()
-    work = Path(workdir)
     rate = DEFAULT_POISON_RATE if poison_rate is None else poison_rate
+    # one sub-directory per attack setting: re-running reuses what is there (a finished
+    # trace is not redone), and another setting never meets results of the first
+    work = Path(workdir) / f"{attack}-r{round(rate * 100):02d}"
     cfg = AttackConfig(attack=attack, poison_rate=rate)
     timings = {}
 
@@ -82,10 +84,10 @@ def run_demo(attack: str = "pe2", workdir: str | Path = "ffengine-demo",
 
     t = time.perf_counter()
     engine = Engine(run, progress=progress)
-    summary = trace(engine, index, [inst], work / "trace", instance_paths=[
-        str(work / "instance")])
+    trace_dir = work / ("trace-bundled" if shipped is not None else "trace")
+    summary = trace(engine, index, [inst], trace_dir, instance_paths=[str(work / "instance")])
     timings["trace_s"] = time.perf_counter() - t
-    metrics = evaluate(data_dir, work / "trace")
+    metrics = evaluate(data_dir, trace_dir)
     timings["total_s"] = time.perf_counter() - t0
 
     res = {**metrics, **strength, "attack": attack, "poison_rate": rate,
@@ -93,7 +95,7 @@ def run_demo(attack: str = "pe2", workdir: str | Path = "ffengine-demo",
            "x_b": inst.meta["x_b_source"], "x_r": inst.meta["x_r_source"],
            "top_domain": summary["top_domains"][0]["domain"] if summary["top_domains"] else None,
            **{k: round(v, 1) for k, v in timings.items()}}
-    domains = (work / "trace" / "domains.txt").read_text().rstrip()
+    domains = (trace_dir / "domains.txt").read_text().rstrip()
     res["report"] = "\n".join([
         f"attack {attack.upper()} at {rate:.0%} poison: {truth['n']} samples, "
         f"{len(truth['poisoned_ids'])} poisoned",

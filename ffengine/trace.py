@@ -1,88 +1,184 @@
 """``trace``: score every pre-training input, flag the MAD outliers, aggregate by domain.
 
-A result directory holds::
+A finished result directory holds::
 
-    metadata.json          run, index and options the results belong to
+    metadata.json          run, checkpoints, index, instances and options the results
+                           belong to (written first; checked before any work on a restart)
     scores.npy             (n, K) float32: s_ik per sample and instance (NaN: skipped)
     terms.npy              (T, D, n, K) float32: per-checkpoint, per-draw terms
     detection_scores.npy   (n,) float32: the score the MAD rule reads (mean over instances)
     flagged.npy            int64 ids above median + k·MAD
     domains.json / .txt    flagged / total per source domain, most suspicious first
     scores.png             score distribution with the threshold
-    summary.json           counts, threshold, backend, skipped samples
+    summary.json           counts, threshold, backend, skipped samples; written last
 
-Every file is written to a temporary name and renamed.
+Resumable: the work is split into (checkpoint, chunk) pieces that are streamed into
+memmapped files under ``partial/`` and recorded as done one by one
+(:mod:`ffengine.engine.store`). Killed at any point and started again with the same
+arguments, ``trace`` checks ``metadata.json`` before doing anything, scores only the pieces
+not recorded, and ends with files bit-for-bit equal to an uninterrupted run's. Started on a
+finished directory, it returns the stored summary.
+
+Distributed: in a torch.distributed process group (``torchrun --nproc-per-node N -m
+ffengine trace ...``), chunk ``j`` is scored by rank ``j % N``, each rank aggregates its own
+samples, the exact median/MAD all-reduce the selection histograms, and rank 0 assembles the
+arrays and writes the report. The result equals a single process's, bit for bit.
+
+Every file is written to a temporary name and renamed; ``partial/`` is removed at the end.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from . import __version__
 from .data.index import SampleIndex
-from .detect import robust_stats
+from .data.loader import iter_chunks
+from .detect import MADStats, flag, robust_stats
+from .engine import distributed
+from .engine.distributed import Dist
 from .engine.instance import Instance
 from .engine.scoring import Engine
+from .engine.store import (
+    PARTIAL_DIR,
+    SUMMARY,
+    ChunkLayout,
+    RankStore,
+    assemble,
+    open_result_dir,
+    read_skipped,
+    remove_partial,
+    result_metadata,
+)
 from .errors import ConfigError, DataError
-from .io_utils import atomic_save_npy, atomic_write_bytes, atomic_write_json
+from .io_utils import atomic_write_bytes, atomic_write_json
 from .report import domain_table, format_domain_table, plot_score_distribution
 
 
 def trace(engine: Engine, index: SampleIndex, instances: Sequence[Instance], out: str | Path,
-          k: float = 3.0, instance_paths: Sequence[str] | None = None) -> dict:
-    """Run the whole traceback into ``out`` and return the summary."""
-    if k < 0:
-        raise ConfigError(f"k must be non-negative, got {k}.")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = engine.score(index, instances)
-    det = result.detection_scores.astype(np.float32)
-    stats = robust_stats(det)
-    thr = float(stats.threshold(k))
-    flagged = np.flatnonzero(det > thr).astype(np.int64)  # NaN compares False: never flagged
-    rows = domain_table(flagged, index.domains, index.domain_names)
+          k: float = 3.0, instance_paths: Sequence[str] | None = None,
+          dist: Dist | None = None) -> dict | None:
+    """Run the whole traceback into ``out`` (resuming unfinished work there) and return the
+    summary.
 
-    atomic_save_npy(out / "scores.npy", result.scores)
-    atomic_save_npy(out / "terms.npy", result.terms)
-    atomic_save_npy(out / "detection_scores.npy", det)
-    atomic_save_npy(out / "flagged.npy", flagged)
+    ``dist``: this process's place in a group of scoring processes; default: the initialized
+    torch.distributed default group, if any, else a single process. Every process of the
+    group must call ``trace`` with the same arguments. The summary is returned on rank 0;
+    other ranks return ``None`` once their share is done. Raises ManifestMismatchError (on
+    every rank, before any work) if ``out`` holds a trace of other inputs or options.
+    """
+    if not k >= 0:
+        raise ConfigError(f"k must be non-negative, got {k}.")
+    if not instances:
+        raise ConfigError("trace needs at least one backdoor instance.")
+    dist = distributed.current() if dist is None else dist
+    out = Path(out)
+
+    def check() -> str | None:
+        engine.run.check_index(index.hash, index.path)
+        if not dist.is_main:
+            return None
+        meta = result_metadata(engine, index, instances, k, dist.world_size, instance_paths)
+        return open_result_dir(out, meta)
+
+    status = dist.broadcast(dist.run_everywhere(check))
+    if status == "complete":
+        if not dist.is_main:
+            return None
+        remove_partial(out)  # a run killed after writing the summary may leave it behind
+        return json.loads((out / SUMMARY).read_text())
+
+    n, K, T, D = len(index), len(instances), len(engine.checkpoints), engine.draws
+    chunks = engine.chunks(n)
+    layout = ChunkLayout(n, engine.chunk_size, dist.world_size, dist.rank)
+    store = dist.run_everywhere(
+        lambda: RankStore(out / PARTIAL_DIR, layout, chunks, T, D, K))
+    try:
+        done_before = len(store.log.done)
+        cos = _score_pieces(engine, index, instances, store, dist)
+        # a collective: also waits until every rank's pieces are done
+        counts = dist.all_reduce_sum(np.array([done_before, len(store.log.done) - done_before,
+                                               store.n_pieces], np.int64))
+        _, det_path = dist.run_everywhere(lambda: store.write_scores(engine.aggregate))
+    finally:
+        store.close()
+    stats = robust_stats(det_path, allreduce=dist.all_reduce_sum)  # exact, over all ranks
+    if not dist.is_main:
+        return None
+    pieces = {"total": int(counts[2]), "done_before": int(counts[0]),
+              "scored": int(counts[1])}
+    return _report(engine, index, out, k, stats, cos, dist.world_size, pieces)
+
+
+def _score_pieces(engine: Engine, index: SampleIndex, instances: Sequence[Instance],
+                  store: RankStore, dist: Dist) -> np.ndarray | None:
+    """Score this rank's missing pieces; returns cos (T, K) on rank 0 (None elsewhere)."""
+    todo = store.todo()
+    if not todo and not dist.is_main:
+        return None
+    state = engine.prepare(instances)  # rank 0 always: the summary reports cos
+    n_todo = sum(len(ts) for ts in todo.values())
+    bar = tqdm(total=store.n_pieces, initial=store.n_pieces - n_todo, unit="piece",
+               desc="score" if dist.world_size == 1 else f"score (rank {dist.rank})",
+               disable=not engine.progress)
+    batches = iter_chunks(index, [store.chunks[j] for j in todo], workers=engine.workers,
+                          pin_memory=engine.device.type == "cuda")
+    for (j, ts), batch in zip(todo.items(), batches, strict=True):
+        images = engine.to_device(batch) if len(batch) else None
+        for t in ts:
+            terms = engine.score_piece(state, t, batch, images)
+            store.write_piece(t, j, batch.ids, batch.skipped, terms)
+            bar.update(1)
+    bar.close()
+    return state.cos
+
+
+def _report(engine: Engine, index: SampleIndex, out: Path, k: float, stats: MADStats,
+            cos: np.ndarray, world_size: int, pieces: dict) -> dict:
+    """Rank 0: assemble the id-ordered arrays, flag, write the report and the summary."""
+    n, T, D = len(index), len(engine.checkpoints), engine.draws
+    K = cos.shape[1]
+    partial = out / PARTIAL_DIR
+    skipped = sorted(read_skipped(partial, world_size).items())
+    assemble(out, engine.sample_order(n), engine.chunk_size, world_size, T, D, K)
+    thr = stats.threshold(k)
+    flag(out / "detection_scores.npy", k, out=out / "flagged.npy", stats=stats)
+    flagged = np.load(out / "flagged.npy")
+    rows = domain_table(flagged, index.domains, index.domain_names)
     atomic_write_json(out / "domains.json", rows)
     atomic_write_bytes(out / "domains.txt", format_domain_table(rows).encode())
-    plot_score_distribution(det, thr, out / "scores.png",
-                            title=f"maliciousness scores (n={len(det)}, k={k:g})")
+    det = np.load(out / "detection_scores.npy", mmap_mode="r")
+    plot_score_distribution(det, float(thr), out / "scores.png",
+                            title=f"maliciousness scores (n={n}, k={k:g})")
+    del det
     summary = {
-        "n": len(index),
+        "n": n,
         "n_scored": int(stats.n),
         "n_flagged": int(len(flagged)),
         "k": k,
         "median": float(stats.median),
         "mad": float(stats.mad),
-        "threshold": thr,
-        "backend": result.backend,
-        "checkpoints": [c.epoch for c in result.checkpoints],
-        "cos_per_checkpoint": result.cos.tolist(),
+        "threshold": float(thr),
+        "backend": engine.backend,
+        "checkpoints": [c.epoch for c in engine.checkpoints],
+        "cos_per_checkpoint": cos.tolist(),
         "draws": engine.draws,
         "aggregate": engine.aggregate,
-        "skipped": [{"id": i, "key": index.key(i), "reason": r} for i, r in result.skipped],
+        "chunk_size": engine.chunk_size,
+        # (checkpoint, chunk) pieces: how many, and how many an earlier, interrupted call
+        # had finished; scored = total - done_before, each piece exactly once
+        "pieces": pieces,
+        "world_size": world_size,
+        "skipped": [{"id": i, "key": index.key(i), "reason": r} for i, r in skipped],
         "top_domains": rows[:5],
     }
-    meta = {
-        "ffengine": __version__,
-        "run": str(engine.run.path),
-        "index": str(index.path),
-        "index_hash": index.hash,
-        "instances": list(instance_paths or []),
-        "options": {"k": k, "checkpoints": [c.epoch for c in result.checkpoints],
-                    "draws": engine.draws, "aggregate": engine.aggregate,
-                    "batch_size": engine.batch_size, "seed": engine.seed,
-                    "backend": result.backend},
-    }
-    atomic_write_json(out / "metadata.json", meta)
-    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / SUMMARY, summary)  # last: its presence marks a finished trace
+    remove_partial(out)
     return summary
 
 
@@ -90,16 +186,15 @@ def load_results(path: str | Path) -> dict:
     """The arrays and summary of a result directory."""
     path = Path(path)
     try:
-        import json
-
         return {
-            "summary": json.loads((path / "summary.json").read_text()),
+            "summary": json.loads((path / SUMMARY).read_text()),
             "detection_scores": np.load(path / "detection_scores.npy", mmap_mode="r"),
             "flagged": np.load(path / "flagged.npy"),
         }
     except (OSError, ValueError) as e:
-        raise DataError(f"{path} is not a complete trace result ({e}); run `ffengine trace` "
-                        "into it first.") from e
+        hint = (" It is unfinished: run the same `ffengine trace` command again to resume it."
+                if (path / PARTIAL_DIR).exists() else " Run `ffengine trace` into it first.")
+        raise DataError(f"{path} is not a complete trace result ({e}).{hint}") from e
 
 
 def default_device() -> torch.device:

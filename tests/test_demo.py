@@ -18,5 +18,5 @@ def test_demo_from_scratch_tiny_json_last_line(tmp_path, capsys):
             "asr_untriggered"} <= set(res)
     assert res["n"] == 5100 and res["n_poisoned"] == 100 and not res["bundled_run"]
     assert 0 <= res["asr"] <= 1 and 0 <= res["auc"] <= 1
-    assert (tmp_path / "d" / "trace" / "scores.png").stat().st_size > 0
+    assert (tmp_path / "d" / "pe2-r02" / "trace" / "scores.png").stat().st_size > 0
     assert any(line.startswith("DACC") for line in lines[:-1])

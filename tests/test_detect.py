@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -103,6 +104,9 @@ def test_keys_preserve_order_and_round_trip(dtype, np_rng):
 # ---------------------------------------------------------------------------------------
 @settings(max_examples=200, deadline=None)
 @given(x=score_arrays(), chunk=st.sampled_from([1, 3, 7, 64, 1 << 22]))
+# the mean of the middle values -smallest_subnormal and 0 rounds to -0.0 (returned as +0.0)
+@example(x=np.array([-np.finfo(np.float32).smallest_subnormal, 0.0], np.float32), chunk=1)
+@example(x=np.array([0.0, -np.finfo(np.float64).smallest_subnormal], np.float64), chunk=7)
 def test_median_mad_matches_numpy(x, chunk):
     n_nan = int(np.isnan(x).sum())
     if n_nan == x.shape[0]:
@@ -319,3 +323,107 @@ def test_temporary_directory_memmap_release():
         assert _same(s.median, _numpy_reference(x)[0])
         assert np.array_equal(mm[:10], x[:10])  # pages fault back in after release
         del mm
+
+
+# ---------------------------------------------------------------------------------------
+# sharded selection: histograms all-reduced across processes (here: threads)
+# ---------------------------------------------------------------------------------------
+class _ThreadAllReduce:
+    """An all-reduce (SUM) among ``n`` threads, standing in for torch.distributed."""
+
+    def __init__(self, n: int):
+        self.barrier = threading.Barrier(n, timeout=60)
+        self.slots: list[np.ndarray | None] = [None] * n
+
+    def of_rank(self, r: int):
+        def allreduce(hist: np.ndarray) -> np.ndarray:
+            self.slots[r] = hist.copy()
+            self.barrier.wait()
+            total = np.sum(self.slots, axis=0)
+            self.barrier.wait()  # every rank has read the slots before any is overwritten
+            return total
+
+        return allreduce
+
+
+def _sharded_stats(shards: list[np.ndarray], chunk: int) -> list:
+    """robust_stats of each shard in its own thread, histograms all-reduced; per rank the
+    MADStats or the exception raised."""
+    comm = _ThreadAllReduce(len(shards))
+    results: list = [None] * len(shards)
+
+    def work(r: int) -> None:
+        try:
+            results[r] = robust_stats(shards[r], chunk_size=chunk, allreduce=comm.of_rank(r))
+        except Exception as e:  # handed to the test thread
+            results[r] = e
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(len(shards))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=score_arrays(max_size=150), data=st.data())
+def test_sharded_robust_stats_matches_numpy(x, data):
+    n_shards = data.draw(st.integers(1, 4))
+    cuts = sorted(data.draw(st.lists(st.integers(0, x.shape[0]), min_size=n_shards - 1,
+                                     max_size=n_shards - 1)))
+    shards = np.split(x, cuts)  # empty shards included
+    got = _sharded_stats(shards, data.draw(st.sampled_from([1, 5, 1 << 22])))
+    if np.isnan(x).all():
+        assert all(isinstance(g, DataError) for g in got)
+        return
+    ref_med, ref_mad = _numpy_reference(x)
+    for s in got:
+        assert isinstance(s, MADStats), s
+        assert _same(s.median, ref_med) and _same(s.mad, ref_mad)
+        assert s.n == int((~np.isnan(x)).sum()) and s.n_nan == int(np.isnan(x).sum())
+    # flagging each shard with the shared statistics flags exactly numpy's set
+    offsets = np.cumsum([0] + [len(s) for s in shards[:-1]])
+    ids = np.concatenate([flag(sh, 3.0, stats=got[r]) + offsets[r]
+                          for r, sh in enumerate(shards)])
+    with np.errstate(invalid="ignore", over="ignore"):
+        assert np.array_equal(ids, np.flatnonzero(x > ref_med + 3.0 * ref_mad))
+
+
+# ---------------------------------------------------------------------------------------
+# the edge cases spelled out (hypothesis draws them too, but not every run)
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_signed_zeros_tie_and_come_back_positive(dtype):
+    for x in ([-0.0], [-0.0, 0.0, -0.0], [-0.0, -0.0, 1.0, -1.0], [0.0, -0.0]):
+        a = np.array(x, dtype)
+        med, mad = median_mad(a)
+        assert med == 0 and not np.signbit(med) and isinstance(med, dtype)
+        assert _same(mad, _numpy_reference(a)[1])
+        assert not np.signbit(kth_smallest(a, int((a < 0).sum())))  # a zero
+    assert flag(np.array([-0.0, 0.0, -0.0, 1.0], dtype), 3.0).tolist() == [3]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_subnormal_scores_are_exact(dtype):
+    tiny = np.finfo(dtype).smallest_subnormal
+    x = (np.arange(-7, 12) * tiny).astype(dtype)  # all subnormal (or zero)
+    x = np.concatenate([x, x[:5]])  # ties
+    ref_med, ref_mad = _numpy_reference(x)
+    med, mad = median_mad(x, chunk_size=4)
+    assert _same(med, ref_med) and _same(mad, ref_mad)
+    assert mad > 0  # the MAD of subnormals is not flushed to zero
+    with np.errstate(invalid="ignore", over="ignore"):
+        assert np.array_equal(flag(x, 1.0), np.flatnonzero(x > ref_med + 1.0 * ref_mad))
+
+
+def test_nan_policy_is_reported_and_never_flagged(tmp_path):
+    x = np.array([np.nan, 1.0, 2.0, np.nan, 3.0, 100.0, np.nan], np.float32)
+    s = robust_stats(x)
+    assert (s.n, s.n_nan) == (4, 3)
+    assert _same(s.median, np.float32(2.5)) and _same(s.mad, np.float32(1.0))
+    np.save(tmp_path / "s.npy", x)
+    out = flag(tmp_path / "s.npy", 0.0, out=tmp_path / "f.npy")
+    assert np.load(out).tolist() == [4, 5]  # NaN > threshold is False
+    with pytest.raises(DataError, match="all 2 values are NaN"):
+        flag(np.full(2, np.nan, np.float32))

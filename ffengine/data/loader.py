@@ -58,7 +58,7 @@ def decode_ids(index: SampleIndex, ids: Sequence[int]) -> DecodedBatch:
 
 
 class _ChunkDataset(torch.utils.data.Dataset):
-    def __init__(self, index: SampleIndex, chunks: list[np.ndarray]):
+    def __init__(self, index: SampleIndex, chunks: Sequence[np.ndarray]):
         self.index, self.chunks = index, chunks
 
     def __len__(self) -> int:
@@ -73,8 +73,15 @@ def iter_decoded(index: SampleIndex, ids: np.ndarray, chunk: int, workers: int =
     """Decode ``ids`` in order, ``chunk`` at a time; with ``workers`` > 0 decoding runs in
     worker processes, overlapping the caller's compute."""
     chunks = [ids[s: s + chunk] for s in range(0, len(ids), chunk)]
+    yield from iter_chunks(index, chunks, workers=workers, pin_memory=pin_memory)
+
+
+def iter_chunks(index: SampleIndex, chunks: Sequence[np.ndarray], workers: int = 0,
+                pin_memory: bool = False) -> Iterator[DecodedBatch]:
+    """Decode each array of ids in ``chunks`` into one batch, in order (see
+    :func:`iter_decoded`)."""
     loader = torch.utils.data.DataLoader(
-        _ChunkDataset(index, chunks), batch_size=None, shuffle=False, num_workers=workers,
+        _ChunkDataset(index, list(chunks)), batch_size=None, shuffle=False, num_workers=workers,
         pin_memory=pin_memory, prefetch_factor=2 if workers > 0 else None,
         persistent_workers=False)
     yield from loader

@@ -34,7 +34,7 @@ Infinities and signed zeros
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,15 +120,22 @@ def robust_stats(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     parallel: bool | None = None,
+    allreduce: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> MADStats:
     """Exact median and MAD of a 1-D score array, memmap or ``.npy`` path (NaNs excluded).
 
     See the module docstring for the exactness guarantee, dtype and NaN rules. Raises
     :class:`~ffengine.errors.DataError` for empty, all-NaN, non-1-D or non-numeric input.
+
+    Sharded input: with ``allreduce`` (see :func:`~ffengine.detect.select.run_selection`),
+    ``x`` is this process's shard and the statistics are those of the concatenation of
+    all processes' shards, exact and identical on every process. Every process must call
+    with the same dtype; a shard may be empty, the union may not. ``n``/``n_nan`` are
+    global counts.
     """
     with open_scores(x) as src:
         dtype = src.dtype
-        if src.n_total == 0:
+        if src.n_total == 0 and allreduce is None:
             where = f"score file {src.path}" if src.path is not None else "the score array"
             raise DataError(
                 f"cannot compute the median/MAD: {where} is empty (shape (0,)); expected at "
@@ -138,8 +145,11 @@ def robust_stats(
         def values():
             return (c for _, c in src.chunks(chunk_size))
 
-        sel = run_selection(values, dtype, median_ranks, parallel=parallel)
+        sel = run_selection(values, dtype, median_ranks, parallel=parallel,
+                            allreduce=allreduce)
         median = _mean_of_middle(sel.result())
+        if median == 0:  # the mean of -tiny and 0 rounds to -0.0: return zeros as +0.0
+            median = dtype.type(0)
         passes = sel.passes_done
         if np.isnan(median):  # mean of -inf and +inf: every deviation is NaN, so is the MAD
             mad = dtype.type(np.nan)
@@ -155,7 +165,7 @@ def robust_stats(
                     yield d
 
             dev = run_selection(deviations, dtype, median_ranks, parallel=parallel,
-                                empty_ok=True)
+                                empty_ok=True, allreduce=allreduce)
             passes += dev.passes_done
             # Deviations that are NaN although the score is not (inf - inf, when the median
             # is infinite) make numpy's median of deviations NaN; match it.
@@ -170,9 +180,12 @@ def median_mad(
     return_nan_count: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     parallel: bool | None = None,
+    allreduce: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.floating, np.floating] | tuple[np.floating, np.floating, int]:
-    """``(median, mad)`` (numpy scalars of the working dtype), plus ``n_nan`` if asked."""
-    s = robust_stats(x, chunk_size=chunk_size, parallel=parallel)
+    """``(median, mad)`` (numpy scalars of the working dtype), plus ``n_nan`` if asked.
+
+    ``allreduce``: ``x`` is one process's shard, see :func:`robust_stats`."""
+    s = robust_stats(x, chunk_size=chunk_size, parallel=parallel, allreduce=allreduce)
     return (s.median, s.mad, s.n_nan) if return_nan_count else (s.median, s.mad)
 
 

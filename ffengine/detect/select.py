@@ -460,8 +460,15 @@ def run_selection(
     *,
     parallel: bool | None = None,
     empty_ok: bool = False,
+    allreduce: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> RadixSelector:
     """Drive a :class:`RadixSelector` to completion; ``chunks()`` must replay the same data.
+
+    ``allreduce`` makes the selection span several processes that each hold one shard of
+    the values: it receives this process's histogram of a pass and must return the sum over
+    all processes (e.g. ``torch.distributed.all_reduce`` with ``SUM``); every process then
+    advances with the same total and ends with the same exact result. ``chunks()`` yields
+    only the local shard, which may be empty.
 
     Returns the finished selector (``.result()``, ``.n``, ``.n_nan``, ``.passes_done``).
     """
@@ -470,6 +477,8 @@ def run_selection(
         hist = sel.empty_histogram()
         for chunk in chunks():
             sel.histogram(chunk, out=hist)
+        if allreduce is not None:
+            hist = allreduce(hist)
         sel.advance(hist)
     return sel
 

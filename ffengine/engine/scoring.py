@@ -8,6 +8,12 @@ The backbone runs once per view, checkpoint and draw without an autograd graph h
 many instances there are; the head's per-sample signals feed the ghost algebra
 (:mod:`ffengine.engine.head`). Per-(checkpoint, draw) terms are kept in ``terms``
 (T, D, n, K) so aggregations over draws and checkpoint subsets need no re-scoring.
+
+The unit of work is a *piece*: one checkpoint on one chunk of ``batch_size × chunk_batches``
+samples (:meth:`Engine.score_piece`). :meth:`Engine.score` runs every piece in memory;
+:func:`ffengine.trace.trace` runs them resumably, sharded across processes, into a result
+directory. Both give the same bits: a piece depends only on the seed, the sample order and
+its chunk.
 """
 
 from __future__ import annotations
@@ -22,17 +28,28 @@ from tqdm.auto import tqdm
 
 from ..data.augment import augment_batch, stream_id
 from ..data.index import SampleIndex
-from ..data.loader import iter_decoded
+from ..data.loader import DecodedBatch, iter_chunks
 from ..errors import ConfigError
+from ..models import SimCLRModel
 from ..ops.ghost_score import resolve_backend
-from ..run import Checkpoint, Run
 from ..reference.scoring import score_batch_reference
+from ..run import Checkpoint, Run
 from .cosine import cosine_gradients
 from .head import ghost_terms, head_signals, normalized_scores, scored_modules
 from .instance import Instance
 
 SCORE_STREAM = 1  # purpose tag of scoring views in the augmentation streams
 AGGREGATES = ("mean", "max", "median")
+
+
+@dataclass
+class ScoringState:
+    """What every piece of a scoring job shares: the selected checkpoints' models (eval
+    mode), their stacked cosine gradients {parameter: (K, ...)} and cos (T, K)."""
+
+    models: list[SimCLRModel]
+    grads: list[dict[str, torch.Tensor]]
+    cos: np.ndarray
 
 
 @dataclass
@@ -50,7 +67,12 @@ class ScoreResult:
     @property
     def detection_scores(self) -> np.ndarray:
         """One score per sample for the MAD rule: the mean over instances."""
-        return self.scores.mean(axis=1)
+        return detection_scores(self.scores)
+
+
+def detection_scores(scores: np.ndarray) -> np.ndarray:
+    """(n, K) scores -> (n,) float32 detection scores: the mean over instances (NaN stays)."""
+    return np.asarray(scores, dtype=np.float32).mean(axis=1, dtype=np.float32)
 
 
 def aggregate_draws(terms: np.ndarray, how: str) -> np.ndarray:
@@ -97,6 +119,9 @@ class Engine:
             raise ConfigError(f"aggregate {aggregate!r} is unknown; expected {AGGREGATES}.")
         self.draws, self.aggregate, self.seed = draws, aggregate, seed
         self.batch_size = batch_size or int(self.run.manifest["training"]["batch_size"])
+        if self.batch_size < 1 or chunk_batches < 1:
+            raise ConfigError(f"batch_size and chunk_batches must be at least 1, got "
+                              f"{self.batch_size} and {chunk_batches}.")
         self.chunk_batches, self.workers, self.progress = chunk_batches, workers, progress
         self.reference = reference
         self.checkpoints = self._select(checkpoints)
@@ -116,62 +141,111 @@ class Engine:
                               f"it has {sorted(by_epoch)}.")
         return [by_epoch[e] for e in which]
 
+    # -- the pieces of a scoring job, shared by score() and the resumable trace ----------
+    @property
+    def chunk_size(self) -> int:
+        """Samples per chunk: the unit of decoding, of resumption and of sharding."""
+        return self.batch_size * self.chunk_batches
+
+    def sample_order(self, n: int) -> np.ndarray:
+        """(n,) int64: the order samples are scored in; a function of ``seed`` and ``n``."""
+        return np.random.default_rng([self.seed, 7]).permutation(n)
+
+    def chunks(self, n: int) -> list[np.ndarray]:
+        """Chunk ``j`` holds the ids ``sample_order(n)[j*C:(j+1)*C]``, C = chunk_size. A
+        sample's negatives are the other members of its batch within its chunk, so scores
+        depend on the seed and this order only, never on which chunks ran when or where."""
+        order, c = self.sample_order(n), self.chunk_size
+        return [order[s: s + c] for s in range(0, n, c)]
+
+    def options(self) -> dict:
+        """Every option that changes the scores (recorded with results, checked on resume)."""
+        return {"checkpoints": [c.epoch for c in self.checkpoints], "draws": self.draws,
+                "aggregate": self.aggregate, "batch_size": self.batch_size,
+                "chunk_batches": self.chunk_batches, "seed": self.seed,
+                "backend": self.backend, "reference": self.reference,
+                "device_type": self.device.type}
+
+    def prepare(self, instances: Sequence[Instance]) -> ScoringState:
+        """Load every selected checkpoint and take its stacked cosine gradient."""
+        if not instances:
+            raise ConfigError("score needs at least one backdoor instance.")
+        layers = self.run.scored_layers
+        state = ScoringState([], [], np.zeros((len(self.checkpoints), len(instances)),
+                                              dtype=np.float32))
+        xb = [inst.tensors(self.device)[0] for inst in instances]
+        xr = [inst.tensors(self.device)[1] for inst in instances]
+        for t, ckpt in enumerate(self.checkpoints):
+            model = self.run.load_model(ckpt, self.device)
+            g, c = cosine_gradients(model, xb, xr, layers)
+            state.models.append(model)
+            state.grads.append(g)
+            state.cos[t] = c.cpu().numpy()
+        return state
+
+    def to_device(self, batch: DecodedBatch) -> torch.Tensor:
+        return batch.images.to(self.device, non_blocking=True)
+
+    def score_piece(self, state: ScoringState, t: int, batch: DecodedBatch,
+                    images: torch.Tensor | None = None) -> np.ndarray:
+        """Terms of checkpoint ``t`` for the decoded samples of one chunk.
+
+        Returns (D, len(batch), K) float32: ``α_t ⟨G_tk, g_it⟩ / ‖g_it‖`` per draw, for the
+        samples ``batch.ids`` in that order. ``images``: ``batch.images`` already on the
+        device (to move a chunk once for all checkpoints).
+        """
+        D, K = self.draws, state.cos.shape[1]
+        out = np.zeros((D, len(batch), K), dtype=np.float32)
+        if len(batch) == 0:
+            return out
+        images = self.to_device(batch) if images is None else images
+        model, ckpt, layers = state.models[t], self.checkpoints[t], self.run.scored_layers
+        mods = scored_modules(model, layers)
+        n_sub = max(1, round(len(batch) / self.batch_size))
+        subsets = np.array_split(np.arange(len(batch)), n_sub)
+        for d in range(D):
+            feats = self._view_features(model, images, batch.sizes, batch.ids, ckpt.epoch, d,
+                                        self.run.augment)
+            for sel in subsets:
+                f = torch.cat([feats[0][sel], feats[1][sel]])
+                if self.reference:
+                    s = score_batch_reference(model, f, state.grads[t], layers,
+                                              self.run.temperature)
+                else:
+                    sig = head_signals(model.head, f, mods, self.run.temperature)
+                    dots, sq = ghost_terms(sig, state.grads[t], views=2, backend=self.backend)
+                    s = normalized_scores(dots, sq)
+                s = s * ckpt.lr
+                out[d, sel] = s.float().cpu().numpy()
+        return out
+
     def score(self, index: SampleIndex, instances: Sequence[Instance],
               check_index: bool = True) -> ScoreResult:
+        """Score every sample of ``index`` in memory (terms (T, D, n, K)); for result
+        directories, resumable and sharded across processes, use :func:`ffengine.trace.trace`.
+        """
         if not instances:
             raise ConfigError("score needs at least one backdoor instance.")
         if check_index:
             self.run.check_index(index.hash, index.path)
         n, K, T, D = len(index), len(instances), len(self.checkpoints), self.draws
         terms = np.zeros((T, D, n, K), dtype=np.float32)
-        layers = self.run.scored_layers
-        models, grads, cos = [], [], np.zeros((T, K), dtype=np.float32)
-        xb = [inst.tensors(self.device)[0] for inst in instances]
-        xr = [inst.tensors(self.device)[1] for inst in instances]
-        for t, ckpt in enumerate(self.checkpoints):
-            model = self.run.load_model(ckpt, self.device)
-            g, c = cosine_gradients(model, xb, xr, layers)
-            models.append(model)
-            grads.append(g)
-            cos[t] = c.cpu().numpy()
-
-        order = np.random.default_rng([self.seed, 7]).permutation(n)
-        chunk = self.batch_size * self.chunk_batches
+        state = self.prepare(instances)
         skipped: list[tuple[int, str]] = []
-        aug = self.run.augment
-        tau = self.run.temperature
         bar = tqdm(total=n, desc="score", unit="sample", disable=not self.progress)
-        for batch in iter_decoded(index, order, chunk, workers=self.workers,
-                                  pin_memory=self.device.type == "cuda"):
+        for batch in iter_chunks(index, self.chunks(n), workers=self.workers,
+                                 pin_memory=self.device.type == "cuda"):
             skipped.extend(batch.skipped)
-            if len(batch) == 0:
-                bar.update(len(batch.skipped))
-                continue
-            images = batch.images.to(self.device, non_blocking=True)
-            n_sub = max(1, round(len(batch) / self.batch_size))
-            subsets = np.array_split(np.arange(len(batch)), n_sub)
-            for t, (model, ckpt) in enumerate(zip(models, self.checkpoints, strict=True)):
-                mods = scored_modules(model, layers)
-                for d in range(D):
-                    feats = self._view_features(model, images, batch.sizes, batch.ids,
-                                                ckpt.epoch, d, aug)
-                    for sel in subsets:
-                        f = torch.cat([feats[0][sel], feats[1][sel]])
-                        if self.reference:
-                            s = score_batch_reference(model, f, grads[t], layers, tau)
-                        else:
-                            sig = head_signals(model.head, f, mods, tau)
-                            dots, sq = ghost_terms(sig, grads[t], views=2,
-                                                   backend=self.backend)
-                            s = normalized_scores(dots, sq)
-                        s = s * ckpt.lr
-                        terms[t, d, batch.ids[sel]] = s.float().cpu().numpy()
+            if len(batch):
+                images = self.to_device(batch)
+                for t in range(T):
+                    terms[t][:, batch.ids] = self.score_piece(state, t, batch, images)
             bar.update(len(batch) + len(batch.skipped))
         bar.close()
         scores = aggregate_draws(terms, self.aggregate)
         if skipped:
             scores[[i for i, _ in skipped]] = np.nan
-        return ScoreResult(scores, terms, self.checkpoints, cos, skipped, self.backend)
+        return ScoreResult(scores, terms, self.checkpoints, state.cos, skipped, self.backend)
 
     def _view_features(self, model, images, sizes, ids, epoch: int, draw: int, aug
                        ) -> list[torch.Tensor]:

@@ -1,0 +1,62 @@
+"""The pre-training objective as the scoring engine sees it: a small interface, so the same
+Engine / trace machinery (chunks, checkpoints, draws, resume, sharding) scores SimCLR and
+CLIP runs alike.
+
+An objective answers four questions for the run it belongs to:
+
+1. ``load_model(ckpt, device)``: the model of a checkpoint, eval mode, ``f(x)`` its embedding.
+2. ``cosine_gradients(model, x_b, x_r)``: the K stacked cosine gradients
+   ``{parameter name: (K, *shape)}`` (Linear layout) over the scored parameters and
+   ``cos (K,)``; ``x_b``, ``x_r`` are K (3, H, W) float images in [0, 1].
+3. ``score_batch(model, index, images, sizes, ids, grads, *, seed, epoch, draw, backend,
+   reference)``: the (B, K) normalized scores ``⟨G_k, g_i⟩ / ‖g_i‖`` of one scoring batch
+   (the batch members are each other's negatives), unweighted by the learning rate.
+   ``images`` (B, 3, Hmax, Wmax) uint8 on the device, ``sizes`` (B, 2), ``ids`` (B,)
+   sample ids of ``index`` (the objective reads what else it needs, e.g. captions).
+4. ``views``: views per sample and draw (SimCLR 2, CLIP 1); ``draws_matter``: whether more
+   than one draw changes anything (CLIP's scoring view is deterministic).
+
+:func:`objective_for` picks the objective from the run manifest's ``objective.name``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+
+
+class Objective(Protocol):
+    name: str
+    views: int
+    draws_matter: bool
+
+    def load_model(self, ckpt: Any, device: torch.device | str = "cpu") -> torch.nn.Module: ...
+
+    def cosine_gradients(self, model: torch.nn.Module, x_b: Sequence[torch.Tensor],
+                         x_r: Sequence[torch.Tensor]
+                         ) -> tuple[dict[str, torch.Tensor], torch.Tensor]: ...
+
+    def score_batch(self, model: torch.nn.Module, index: Any, images: torch.Tensor,
+                    sizes: np.ndarray, ids: np.ndarray, grads: dict[str, torch.Tensor], *,
+                    seed: int, epoch: int, draw: int, backend: str | None,
+                    reference: bool) -> torch.Tensor: ...
+
+
+def objective_for(run: Any) -> Objective:
+    """The objective of a run. SimCLR runs (``nt_xent``) are still scored by the Engine's
+    built-in path; this returns CLIP's objective for ``clip_infonce`` runs."""
+    name = run.manifest.get("objective", {}).get("name")
+    if name == "clip_infonce":
+        from .clip_objective import ClipObjective
+
+        return ClipObjective(run)
+    raise ConfigError(f"run {run.path} has objective {name!r}; objective_for knows "
+                      "'clip_infonce' (SimCLR's 'nt_xent' is scored by Engine directly).")
+
+
+__all__ = ["Objective", "objective_for"]
