@@ -151,6 +151,7 @@ setup(
         "pillow",
         "tqdm",
         "matplotlib",
+        "open_clip_torch",
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],

@@ -13,12 +13,16 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import FFEngineError
+from .errors import ConfigError, FFEngineError
 
 
 def _add_attack_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--attack", default="pe2", choices=["pe1", "pe2"],
-                   help="PoisonedEncoder variant: pe1 (a whole trigger image) or pe2 (a patch)")
+    p.add_argument("--attack", default="pe2", choices=["pe1", "pe2", "ct", "corruptencoder"],
+                   help="PoisonedEncoder pe1 (a whole trigger image) or pe2 (a patch); "
+                   "Carlini-Terzis ct (CLIP); CorruptEncoder (see --modality)")
+    p.add_argument("--modality", default="clip", choices=["clip", "simclr"],
+                   help="corruptencoder: poison image-caption (clip) or image-only (simclr) "
+                   "pre-training")
     p.add_argument("--target-class", type=int, default=9, help="target class (9: truck)")
     p.add_argument("--poison-rate", type=float, default=0.1,
                    help="poisons added, as a fraction of the clean set's size")
@@ -31,15 +35,19 @@ def _add_attack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _attack_config(a: argparse.Namespace):
-    from .attacks.poisoned_encoder import AttackConfig
+def _trigger_config(a: argparse.Namespace):
     from .attacks.triggers import TriggerConfig, parse_colour
 
-    trig = TriggerConfig(shape=a.trigger_shape, size=a.trigger_size,
+    return TriggerConfig(shape=a.trigger_shape, size=a.trigger_size,
                          colour=parse_colour(a.trigger_colour), location=a.trigger_location,
                          seed=a.seed)
+
+
+def _attack_config(a: argparse.Namespace):
+    from .attacks.poisoned_encoder import AttackConfig
+
     return AttackConfig(attack=a.attack, target_class=a.target_class,
-                        poison_rate=a.poison_rate, trigger=trig, seed=a.seed)
+                        poison_rate=a.poison_rate, trigger=_trigger_config(a), seed=a.seed)
 
 
 def _emit(obj: dict, as_json: bool, human: str) -> None:
@@ -69,9 +77,17 @@ def _open_split(path: str | None, split: str):
 def cmd_poison(a: argparse.Namespace) -> int:
     from .attacks.poisoned_encoder import poison_dataset
 
-    cfg = _attack_config(a)
-    truth = poison_dataset(_open_split(a.clean, "train"), _open_split(a.aux, "aux"), a.output,
-                           cfg)
+    if a.attack in ("ct", "corruptencoder"):
+        from .attacks.clip_attacks import ClipAttackConfig, poison_clip_dataset
+
+        cfg = ClipAttackConfig(attack=a.attack, modality=a.modality, target_class=a.target_class,
+                               poison_rate=a.poison_rate, trigger=_trigger_config(a),
+                               seed=a.seed)
+        truth = poison_clip_dataset(_open_split(a.clean, "train"), _open_split(a.aux, "aux"),
+                                    a.output, cfg)
+    else:
+        truth = poison_dataset(_open_split(a.clean, "train"), _open_split(a.aux, "aux"),
+                               a.output, _attack_config(a))
     info = {"output": a.output, "index": str(Path(a.output) / "index"), "n": truth["n"],
             "n_poisoned": len(truth["poisoned_ids"]), "index_hash": truth["index_hash"]}
     _emit(info, a.json, f"wrote {truth['n']} samples ({info['n_poisoned']} poisoned) to "
@@ -81,15 +97,27 @@ def cmd_poison(a: argparse.Namespace) -> int:
 
 def cmd_pretrain(a: argparse.Namespace) -> int:
     from .data.index import SampleIndex
-    from .pretrain.simclr import PretrainConfig, pretrain
 
-    cfg = PretrainConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                         weight_decay=a.weight_decay, schedule=a.schedule,
-                         temperature=a.temperature, ckpt_every=a.ckpt_every, seed=a.seed,
-                         bf16=a.bf16)
     command = "ffengine " + " ".join(shlex.quote(x) for x in sys.argv[1:])
-    run = pretrain(SampleIndex(a.index), a.output, cfg, device=a.device, command=command,
-                   progress=not a.quiet)
+    if a.modality == "clip":
+        from .pretrain.clip import ClipPretrainConfig, pretrain_clip
+
+        ccfg = ClipPretrainConfig(
+            model=a.model if a.model != "mini" else "ffclip-vit-tiny", epochs=a.epochs,
+            batch_size=a.batch_size, lr=a.lr, schedule=a.schedule, ckpt_every=a.ckpt_every,
+            seed=a.seed, bf16=a.bf16,
+            **({} if a.weight_decay is None else {"weight_decay": a.weight_decay}))
+        run = pretrain_clip(SampleIndex(a.index), a.output, ccfg, device=a.device,
+                            command=command, progress=not a.quiet)
+    else:
+        from .pretrain.simclr import PretrainConfig, pretrain
+
+        cfg = PretrainConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+                             weight_decay=1e-6 if a.weight_decay is None else a.weight_decay,
+                             schedule=a.schedule, temperature=a.temperature,
+                             ckpt_every=a.ckpt_every, seed=a.seed, bf16=a.bf16)
+        run = pretrain(SampleIndex(a.index), a.output, cfg, device=a.device, command=command,
+                       progress=not a.quiet)
     info = {"run": str(run.path), "checkpoints": [c.epoch for c in run.checkpoints]}
     _emit(info, a.json, f"run {run.path}: checkpoints at epochs {info['checkpoints']}")
     return 0
@@ -115,6 +143,8 @@ def cmd_instance(a: argparse.Namespace) -> int:
     from .run import Run
 
     run = Run(a.run)
+    if run.manifest["objective"]["name"] == "clip_infonce":
+        return _clip_instance(a, run)
     model = run.load_model(run.checkpoints[-1], a.device)
     cfg, trig, _ = _load_attack_of(Path(a.data))
     bank, test = _open_split(a.bank, "train"), _open_split(a.test, "test")
@@ -125,6 +155,26 @@ def cmd_instance(a: argparse.Namespace) -> int:
     _emit(inst.meta, a.json, f"instance written to {a.output}: x_b from "
           f"{inst.meta['x_b_source']}, x_r = {inst.meta['x_r_source']} (cos "
           f"{inst.meta['cos']:.3f}); asr {inst.meta['strength']['asr']:.3f} vs untriggered "
+          f"{inst.meta['strength']['asr_untriggered']:.3f}")
+    return 0
+
+
+def _clip_instance(a: argparse.Namespace, run) -> int:
+    from .attacks.clip_attacks import ClipAttackConfig
+    from .attacks.poisoned_encoder import load_truth
+    from .data.demo_data import CIFAR10_CLASSES
+    from .engine.clip_backdoor import clip_backdoor_strength, find_clip_instance
+    from .models.clip import load_clip_model
+
+    model = load_clip_model(run, run.checkpoints[-1], a.device)
+    cfg = ClipAttackConfig.from_dict(load_truth(Path(a.data))["attack"])
+    test = _open_split(a.test, "test")
+    inst = find_clip_instance(model, cfg, test, CIFAR10_CLASSES)
+    inst.meta["strength"] = clip_backdoor_strength(model, cfg, test, CIFAR10_CLASSES)
+    inst.save(a.output)
+    _emit(inst.meta, a.json, f"instance written to {a.output}: x_b from "
+          f"{inst.meta['x_b_source']}, x_r = {inst.meta['x_r_source']}; zero-shot asr "
+          f"{inst.meta['strength']['asr']:.3f} vs clean "
           f"{inst.meta['strength']['asr_untriggered']:.3f}")
     return 0
 
@@ -167,6 +217,23 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
+    if a.attack is None:
+        a.attack = "ct" if a.modality == "clip" else "pe2"
+    if a.modality == "clip":
+        from .clip_demo import run_clip_demo
+
+        if a.attack not in ("ct", "corruptencoder"):
+            raise ConfigError(f"the CLIP demo runs --attack ct or corruptencoder, not "
+                              f"{a.attack!r}.")
+        kw = {} if a.epochs is None else {"epochs": a.epochs}
+        res = run_clip_demo(attack=a.attack, workdir=a.workdir, poison_rate=a.poison_rate,
+                            progress=not a.quiet,
+                            **kw, **({} if a.model == "mini" else {"model": a.model}))
+        _emit({k: v for k, v in res.items() if k != "report"}, a.json, res["report"])
+        return 0
+    if a.attack not in ("pe1", "pe2"):
+        raise ConfigError(f"the SimCLR demo runs --attack pe1 or pe2, not {a.attack!r}; "
+                          "for ct / corruptencoder add --modality clip.")
     from .demo import run_demo
 
     res = run_demo(attack=a.attack, workdir=a.workdir, from_scratch=a.from_scratch,
@@ -208,11 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("pretrain", help="SimCLR pre-training with checkpoints (resumes)")
     q.add_argument("--index", required=True)
     q.add_argument("-o", "--output", required=True, help="run directory")
-    q.add_argument("--model", default="mini", help="resnet18, small, mini or tiny")
+    q.add_argument("--modality", default="simclr", choices=["simclr", "clip"])
+    q.add_argument("--model", default="mini",
+                   help="SimCLR: resnet18, small, mini or tiny; CLIP: an open_clip model name "
+                        "(default ffclip-vit-tiny)")
     q.add_argument("--epochs", type=int, default=75)
     q.add_argument("--batch-size", type=int, default=256)
     q.add_argument("--lr", type=float, default=1e-3)
-    q.add_argument("--weight-decay", type=float, default=1e-6)
+    q.add_argument("--weight-decay", type=float, default=None,
+                   help="default: 1e-6 (SimCLR, Adam), 0.1 (CLIP, AdamW)")
     q.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
     q.add_argument("--temperature", type=float, default=0.5)
     q.add_argument("--ckpt-every", type=int, default=15)
@@ -263,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_eval)
 
     q = sub.add_parser("demo", help="poison -> pretrain -> instance -> trace -> eval")
-    q.add_argument("--attack", default="pe2", choices=["pe1", "pe2"])
+    q.add_argument("--modality", default="simclr", choices=["simclr", "clip"])
+    q.add_argument("--attack", default=None, choices=["pe1", "pe2", "ct", "corruptencoder"],
+                   help="default: pe2 (SimCLR), ct (CLIP)")
     q.add_argument("--workdir", default="ffengine-demo")
     q.add_argument("--from-scratch", action="store_true",
                    help="pre-train instead of using the bundled run")

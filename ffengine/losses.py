@@ -64,3 +64,51 @@ def nt_xent_sample_loss(z: torch.Tensor, i: int, temperature: float) -> torch.Te
         logits = torch.cat([logits[:a], logits[a + 1:]])
         total = total + torch.logsumexp(logits, 0) - (u[a] @ u[p]) / temperature
     return total / 2
+
+
+# --------------------------------------------------------------------------- CLIP
+# Image and text embeddings are laid out (B, d), row i of each belonging to pair i; ``scale``
+# is the checkpoint's exp(logit_scale) (clamped at 100), a constant here.
+
+
+def clip_infonce(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor | float
+                 ) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE: ½[CE(images → texts) + CE(texts → images)], batch mean."""
+    u, t = F.normalize(img, dim=1), F.normalize(txt, dim=1)
+    logits = scale * u @ t.T
+    labels = torch.arange(len(u), device=u.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def clip_per_sample_sum(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor | float
+                        ) -> torch.Tensor:
+    """``Σ_i ℓ_pre(x_i)``, ``ℓ_pre(x_i) = ½[CE(image_i → texts) + CE(text_i → images)]``,
+    with the gradient reaching the image side only through ``e_i`` in sample i's term
+    (DESIGN.md §2): texts are constants, and in ``CE(text_i → images)`` every image but
+    ``i`` is detached. One backward of this sum puts exactly ``∂ℓ_pre(x_i)/∂e_i`` on row i.
+    """
+    u = F.normalize(img, dim=1)
+    t = F.normalize(txt, dim=1).detach()
+    pos = scale * (u * t).sum(1)  # (B,) s·u_i·t_i, live in u_i
+    # image_i -> texts: row i depends on u_i only (the texts are constants)
+    i2t = torch.logsumexp(scale * u @ t.T, dim=1) - pos
+    # text_i -> images: image j ≠ i detached, the diagonal (j = i) live
+    sims = scale * t @ u.detach().T
+    eye = torch.eye(len(u), dtype=torch.bool, device=u.device)
+    sims = torch.where(eye, pos.unsqueeze(1).expand_as(sims), sims)
+    t2i = torch.logsumexp(sims, dim=1) - pos
+    return (i2t + t2i).sum() / 2
+
+
+def clip_sample_loss(img: torch.Tensor, txt: torch.Tensor, i: int,
+                     scale: torch.Tensor | float) -> torch.Tensor:
+    """``ℓ_pre(x_i)`` alone, every image but ``i`` and every text detached: the slow
+    reference's loss, written from the definition."""
+    live = torch.zeros(len(img), dtype=torch.bool, device=img.device)
+    live[i] = True
+    u = F.normalize(torch.where(live.unsqueeze(1), img, img.detach()), dim=1)
+    t = F.normalize(txt.detach(), dim=1)
+    target = torch.tensor(i, device=img.device)
+    ce_i2t = F.cross_entropy((scale * u[i] @ t.T).unsqueeze(0), target.unsqueeze(0))
+    ce_t2i = F.cross_entropy((scale * t[i] @ u.T).unsqueeze(0), target.unsqueeze(0))
+    return (ce_i2t + ce_t2i) / 2

@@ -121,7 +121,7 @@ def _score_pieces(engine: Engine, index: SampleIndex, instances: Sequence[Instan
     todo = store.todo()
     if not todo and not dist.is_main:
         return None
-    state = engine.prepare(instances)  # rank 0 always: the summary reports cos
+    state = engine.prepare(instances, index)  # rank 0 always: the summary reports cos
     n_todo = sum(len(ts) for ts in todo.values())
     bar = tqdm(total=store.n_pieces, initial=store.n_pieces - n_todo, unit="piece",
                desc="score" if dist.world_size == 1 else f"score (rank {dist.rank})",

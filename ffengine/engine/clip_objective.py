@@ -1,4 +1,4 @@
-"""CLIP scoring (DESIGN.md §2, CLIP): the objective plug-in and a standalone scorer.
+"""CLIP scoring (DESIGN.md §2, CLIP): the objective plug-in of the Engine.
 
 Per pair ``(x_i, c_i)`` of a scoring batch of B pairs, with the checkpoint's logit scale
 ``s`` (exp, clamped at 100), image embeddings ``e`` and caption embeddings (constants)::
@@ -14,36 +14,30 @@ forming ``g_i``. For the default scored layer (the final projection) the tower r
 an autograd graph: ``δ`` needs only the embeddings. A scored Linear inside the tower runs the
 tower with a graph and treats its tokens as the views.
 
-:class:`ClipObjective` is what the Engine calls (:mod:`ffengine.engine.objective`);
-:func:`score_clip` scores an index in memory with the Engine's batching rules (sample order
-from the seed, chunks, batches within chunks), for the demo and tests until the Engine
-delegates to objectives.
+:class:`ClipObjective` is what the Engine calls (:mod:`ffengine.engine.objective`), so CLIP
+runs are scored, traced, resumed and sharded exactly like SimCLR runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..data.augment import augment_batch, stream_id
 from ..data.index import SampleIndex
-from ..data.loader import decode_ids
 from ..errors import ConfigError
 from ..losses import clip_per_sample_sum
 from ..models.clip import ClipModel, ScoredLinear, load_clip_model, scored_linears, visual_split
-from ..ops.ghost_score import ghost_score, resolve_backend
+from ..ops.ghost_score import ghost_score
 from ..pretrain.clip import captions_of, clip_eval_augment
 from ..reference.clip_scoring import score_clip_batch_reference
 from ..run import Checkpoint, Run
 from .head import normalized_scores
-from .instance import Instance
-
-SCORE_STREAM = 1  # the purpose tag of scoring views, as in the SimCLR engine
+from .simclr_objective import SCORE_STREAM
 
 
 @dataclass
@@ -221,100 +215,5 @@ class ClipObjective:
         return normalized_scores(dots, sq)
 
 
-@dataclass
-class ClipScoreResult:
-    """As the Engine's ScoreResult: scores (n, K) float32 (NaN: skipped), terms (T, 1, n, K)
-    per checkpoint (α_t-weighted), cos (T, K)."""
-
-    scores: np.ndarray
-    terms: np.ndarray
-    checkpoints: list[Checkpoint]
-    cos: np.ndarray
-    skipped: list[tuple[int, str]] = field(default_factory=list)
-    backend: str = "torch"
-
-    @property
-    def detection_scores(self) -> np.ndarray:
-        """One score per sample for the MAD rule: the mean over instances."""
-        return np.asarray(self.scores, dtype=np.float32).mean(axis=1, dtype=np.float32)
-
-
-def _select(run: Run, which: str | Sequence[int]) -> list[Checkpoint]:
-    ckpts = run.checkpoints
-    if not ckpts:
-        raise ConfigError(f"run {run.path} has no checkpoints yet.")
-    if which == "all":
-        return ckpts
-    if which == "last":
-        return ckpts[-1:]
-    by_epoch = {c.epoch: c for c in ckpts}
-    missing = [e for e in which if e not in by_epoch]
-    if missing:
-        raise ConfigError(f"run {run.path} has no checkpoint at epoch(s) {missing}; it has "
-                          f"{sorted(by_epoch)}.")
-    return [by_epoch[e] for e in which]
-
-
-def score_clip(run: Run | str, index: SampleIndex, instances: Sequence[Instance],
-               checkpoints: str | Sequence[int] = "all", batch_size: int | None = None,
-               seed: int = 0, chunk_batches: int = 16, device: torch.device | str = "cpu",
-               backend: str | None = "auto", reference: bool = False, progress: bool = True,
-               check_index: bool = True) -> ClipScoreResult:
-    """Score every image-caption pair of ``index`` against backdoor instances, in memory.
-
-    ``s_ik = Σ_t α_t ⟨G_tk, g_it⟩ / ‖g_it‖`` over the selected checkpoints. Batching follows
-    the Engine: samples in the order ``permutation(n)`` of ``default_rng([seed, 7])``, chunks
-    of ``batch_size · chunk_batches``, each chunk split into batches of about ``batch_size``
-    (the negatives). ``batch_size`` defaults to the pre-training batch size.
-    """
-    run = run if isinstance(run, Run) else Run(run)
-    if not instances:
-        raise ConfigError("score needs at least one backdoor instance.")
-    if check_index:
-        run.check_index(index.hash, index.path)
-    obj = ClipObjective(run)
-    device = torch.device(device)
-    backend_name = resolve_backend(backend)
-    bs = batch_size or int(run.manifest.get("training", {}).get("batch_size", 256))
-    if bs < 1 or chunk_batches < 1:
-        raise ConfigError(f"batch_size and chunk_batches must be at least 1, got {bs} and "
-                          f"{chunk_batches}.")
-    ckpts = _select(run, checkpoints)
-    n, K, T = len(index), len(instances), len(ckpts)
-    xb = [inst.tensors(device)[0] for inst in instances]
-    xr = [inst.tensors(device)[1] for inst in instances]
-    models, grads, cos = [], [], np.zeros((T, K), dtype=np.float32)
-    for t, ckpt in enumerate(ckpts):
-        model = obj.load_model(ckpt, device)
-        g, c = obj.cosine_gradients(model, xb, xr)
-        models.append(model)
-        grads.append(g)
-        cos[t] = c.detach().cpu().numpy()
-    terms = np.zeros((T, 1, n, K), dtype=np.float32)
-    order = np.random.default_rng([seed, 7]).permutation(n)
-    chunk = bs * chunk_batches
-    skipped: list[tuple[int, str]] = []
-    bar = tqdm(total=n, desc="score clip", unit="sample", disable=not progress)
-    for s0 in range(0, n, chunk):
-        batch = decode_ids(index, order[s0: s0 + chunk])
-        skipped.extend(batch.skipped)
-        if len(batch):
-            images = batch.images.to(device)
-            subsets = np.array_split(np.arange(len(batch)), max(1, round(len(batch) / bs)))
-            for t, ckpt in enumerate(ckpts):
-                for sel in subsets:
-                    s = obj.score_batch(models[t], index, images[sel], batch.sizes[sel],
-                                        batch.ids[sel], grads[t], seed=seed, epoch=ckpt.epoch,
-                                        draw=0, backend=backend_name, reference=reference)
-                    terms[t, 0, batch.ids[sel]] = (s * ckpt.lr).float().cpu().numpy()
-        bar.update(len(batch) + len(batch.skipped))
-    bar.close()
-    scores = terms.sum(axis=(0, 1), dtype=np.float64).astype(np.float32)
-    if skipped:
-        scores[[i for i, _ in skipped]] = np.nan
-    return ClipScoreResult(scores, terms, ckpts, cos, skipped, backend_name)
-
-
-__all__ = ["ClipObjective", "ClipScoreResult", "ClipSignal", "clip_cosine_gradients",
-           "clip_ghost_terms", "clip_signals", "instance_inputs", "model_inputs",
-           "score_clip"]
+__all__ = ["ClipObjective", "ClipSignal", "clip_cosine_gradients", "clip_ghost_terms",
+           "clip_signals", "instance_inputs", "model_inputs"]

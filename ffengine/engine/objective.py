@@ -48,15 +48,18 @@ class Objective(Protocol):
 
 
 def objective_for(run: Any) -> Objective:
-    """The objective of a run. SimCLR runs (``nt_xent``) are still scored by the Engine's
-    built-in path; this returns CLIP's objective for ``clip_infonce`` runs."""
+    """The objective of a run, from its manifest: ``nt_xent`` (SimCLR) or ``clip_infonce``."""
     name = run.manifest.get("objective", {}).get("name")
+    if name == "nt_xent":
+        from .simclr_objective import SimclrObjective
+
+        return SimclrObjective(run)
     if name == "clip_infonce":
         from .clip_objective import ClipObjective
 
         return ClipObjective(run)
-    raise ConfigError(f"run {run.path} has objective {name!r}; objective_for knows "
-                      "'clip_infonce' (SimCLR's 'nt_xent' is scored by Engine directly).")
+    raise ConfigError(f"run {run.path} has objective {name!r}; ffengine scores 'nt_xent' "
+                      "(SimCLR) and 'clip_infonce' (CLIP) runs.")
 
 
 __all__ = ["Objective", "objective_for"]

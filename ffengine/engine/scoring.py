@@ -4,10 +4,12 @@ For every pre-training input ``x_i`` and backdoor instance ``k`` (DESIGN.md §2)
 
     s_ik = Σ_t α_t ⟨G_tk, g_it⟩ / ‖g_it‖
 
-The backbone runs once per view, checkpoint and draw without an autograd graph however
-many instances there are; the head's per-sample signals feed the ghost algebra
-(:mod:`ffengine.engine.head`). Per-(checkpoint, draw) terms are kept in ``terms``
-(T, D, n, K) so aggregations over draws and checkpoint subsets need no re-scoring.
+The run's objective (:mod:`ffengine.engine.objective`: SimCLR or CLIP) loads each
+checkpoint, takes the cosine gradients and scores a batch; the backbone runs once per view,
+checkpoint and draw without an autograd graph however many instances there are, and the
+scored layers' per-sample signals feed the ghost algebra (:mod:`ffengine.engine.head`).
+Per-(checkpoint, draw) terms are kept in ``terms`` (T, D, n, K) so aggregations over draws
+and checkpoint subsets need no re-scoring.
 
 The unit of work is a *piece*: one checkpoint on one chunk of ``batch_size × chunk_batches``
 samples (:meth:`Engine.score_piece`). :meth:`Engine.score` runs every piece in memory;
@@ -26,28 +28,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.augment import augment_batch, stream_id
 from ..data.index import SampleIndex
 from ..data.loader import DecodedBatch, iter_chunks
 from ..errors import ConfigError
-from ..models import SimCLRModel
 from ..ops.ghost_score import resolve_backend
-from ..reference.scoring import score_batch_reference
 from ..run import Checkpoint, Run
-from .cosine import cosine_gradients
-from .head import ghost_terms, head_signals, normalized_scores, scored_modules
 from .instance import Instance
+from .objective import objective_for
 
-SCORE_STREAM = 1  # purpose tag of scoring views in the augmentation streams
 AGGREGATES = ("mean", "max", "median")
 
 
 @dataclass
 class ScoringState:
-    """What every piece of a scoring job shares: the selected checkpoints' models (eval
-    mode), their stacked cosine gradients {parameter: (K, ...)} and cos (T, K)."""
+    """What every piece of a scoring job shares: the index being scored (objectives read
+    captions from it), the selected checkpoints' models (eval mode), their stacked cosine
+    gradients {parameter: (K, ...)} and cos (T, K)."""
 
-    models: list[SimCLRModel]
+    index: SampleIndex
+    models: list[torch.nn.Module]
     grads: list[dict[str, torch.Tensor]]
     cos: np.ndarray
 
@@ -111,6 +110,10 @@ class Engine:
                  seed: int = 0, chunk_batches: int = 16, workers: int = 0,
                  progress: bool = True, reference: bool = False):
         self.run = run if isinstance(run, Run) else Run(run)
+        self.objective = objective_for(self.run)
+        if draws > 1 and not self.objective.draws_matter:
+            raise ConfigError(f"{self.objective.name} scores a fixed view of each sample: "
+                              f"more than one draw repeats the same work; use draws=1.")
         self.device = torch.device(device)
         self.backend = resolve_backend(backend)
         if draws < 1:
@@ -118,7 +121,9 @@ class Engine:
         if aggregate not in AGGREGATES:
             raise ConfigError(f"aggregate {aggregate!r} is unknown; expected {AGGREGATES}.")
         self.draws, self.aggregate, self.seed = draws, aggregate, seed
-        self.batch_size = batch_size or int(self.run.manifest["training"]["batch_size"])
+        # an imported foreign checkpoint records no pre-training batch size: 256 then
+        self.batch_size = batch_size or int(
+            self.run.manifest.get("training", {}).get("batch_size") or 256)
         if self.batch_size < 1 or chunk_batches < 1:
             raise ConfigError(f"batch_size and chunk_batches must be at least 1, got "
                               f"{self.batch_size} and {chunk_batches}.")
@@ -166,21 +171,20 @@ class Engine:
                 "backend": self.backend, "reference": self.reference,
                 "device_type": self.device.type}
 
-    def prepare(self, instances: Sequence[Instance]) -> ScoringState:
+    def prepare(self, instances: Sequence[Instance], index: SampleIndex) -> ScoringState:
         """Load every selected checkpoint and take its stacked cosine gradient."""
         if not instances:
             raise ConfigError("score needs at least one backdoor instance.")
-        layers = self.run.scored_layers
-        state = ScoringState([], [], np.zeros((len(self.checkpoints), len(instances)),
-                                              dtype=np.float32))
+        state = ScoringState(index, [], [], np.zeros((len(self.checkpoints), len(instances)),
+                                                     dtype=np.float32))
         xb = [inst.tensors(self.device)[0] for inst in instances]
         xr = [inst.tensors(self.device)[1] for inst in instances]
         for t, ckpt in enumerate(self.checkpoints):
-            model = self.run.load_model(ckpt, self.device)
-            g, c = cosine_gradients(model, xb, xr, layers)
+            model = self.objective.load_model(ckpt, self.device)
+            g, c = self.objective.cosine_gradients(model, xb, xr)
             state.models.append(model)
             state.grads.append(g)
-            state.cos[t] = c.cpu().numpy()
+            state.cos[t] = c.detach().cpu().numpy()
         return state
 
     def to_device(self, batch: DecodedBatch) -> torch.Tensor:
@@ -199,24 +203,15 @@ class Engine:
         if len(batch) == 0:
             return out
         images = self.to_device(batch) if images is None else images
-        model, ckpt, layers = state.models[t], self.checkpoints[t], self.run.scored_layers
-        mods = scored_modules(model, layers)
+        model, ckpt = state.models[t], self.checkpoints[t]
         n_sub = max(1, round(len(batch) / self.batch_size))
-        subsets = np.array_split(np.arange(len(batch)), n_sub)
         for d in range(D):
-            feats = self._view_features(model, images, batch.sizes, batch.ids, ckpt.epoch, d,
-                                        self.run.augment)
-            for sel in subsets:
-                f = torch.cat([feats[0][sel], feats[1][sel]])
-                if self.reference:
-                    s = score_batch_reference(model, f, state.grads[t], layers,
-                                              self.run.temperature)
-                else:
-                    sig = head_signals(model.head, f, mods, self.run.temperature)
-                    dots, sq = ghost_terms(sig, state.grads[t], views=2, backend=self.backend)
-                    s = normalized_scores(dots, sq)
-                s = s * ckpt.lr
-                out[d, sel] = s.float().cpu().numpy()
+            for sel in np.array_split(np.arange(len(batch)), n_sub):
+                s = self.objective.score_batch(
+                    model, state.index, images[sel], batch.sizes[sel], batch.ids[sel],
+                    state.grads[t], seed=self.seed, epoch=ckpt.epoch, draw=d,
+                    backend=self.backend, reference=self.reference)
+                out[d, sel] = (s * ckpt.lr).float().cpu().numpy()
         return out
 
     def score(self, index: SampleIndex, instances: Sequence[Instance],
@@ -230,7 +225,7 @@ class Engine:
             self.run.check_index(index.hash, index.path)
         n, K, T, D = len(index), len(instances), len(self.checkpoints), self.draws
         terms = np.zeros((T, D, n, K), dtype=np.float32)
-        state = self.prepare(instances)
+        state = self.prepare(instances, index)
         skipped: list[tuple[int, str]] = []
         bar = tqdm(total=n, desc="score", unit="sample", disable=not self.progress)
         for batch in iter_chunks(index, self.chunks(n), workers=self.workers,
@@ -246,15 +241,3 @@ class Engine:
         if skipped:
             scores[[i for i, _ in skipped]] = np.nan
         return ScoreResult(scores, terms, self.checkpoints, state.cos, skipped, self.backend)
-
-    def _view_features(self, model, images, sizes, ids, epoch: int, draw: int, aug
-                       ) -> list[torch.Tensor]:
-        """Backbone features of both views of every image, no autograd graph."""
-        out = []
-        with torch.no_grad():
-            for v in (0, 1):
-                x = augment_batch(images, sizes, ids, self.seed,
-                                  stream_id(SCORE_STREAM, epoch, draw, v), aug)
-                feats = [model.features(x[s: s + 512]) for s in range(0, len(x), 512)]
-                out.append(torch.cat(feats))
-        return out

@@ -105,7 +105,8 @@ def result_metadata(engine: Engine, index: SampleIndex, instances: Sequence[Inst
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run": {"path": str(run.path), "model": run.manifest["model"],
                 "scored_layers": list(run.scored_layers),
-                "objective": run.manifest["objective"], "augment": run.manifest["augment"]},
+                "objective": run.manifest["objective"],
+                "augment": run.manifest.get("augment")},
         "checkpoints": [{"epoch": c.epoch, "step": c.step, "lr": c.lr,
                          "weights": c.weights.name, "sha256": file_sha256(c.weights)}
                         for c in engine.checkpoints],

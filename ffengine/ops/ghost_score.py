@@ -6,14 +6,22 @@ For ``y = W h + b``, sample ``i`` with views ``v``, inputs ``h_{i,v}``, backprop
     dots[i, k] = Σ_v δ_{i,v} · (G_w[k] h_{i,v}) + G_b[k] · Σ_v δ_{i,v}
     sqnorm[i]  = Σ_{v,v'} (δ_{i,v}·δ_{i,v'}) (h_{i,v}·h_{i,v'}) + ‖Σ_v δ_{i,v}‖²
 
-(bias terms only when ``G_b`` is given). Backends: "torch" (vectorized torch, any device and
-float dtype, differentiable), "cpu" (the compiled ``ffengine._C``; CPU float32/float64).
-"triton" and "cuda" are reserved names, not implemented yet.
+(bias terms only when ``G_b`` is given). Backends:
+
+* "torch": vectorized torch, any device and float dtype, differentiable.
+* "cpu": the compiled ``ffengine._C``; CPU float32/float64.
+* "triton": the fused kernels of ``ffengine.kernels.ghost_score``; CUDA tensors in float32,
+  bfloat16 or float16 (float32 accumulation). On CPU tensors only under Triton's interpreter
+  (``TRITON_INTERPRET=1`` set before the kernels are imported), a slow test mode.
+* "cuda": a reserved name, not implemented yet.
 
 Backend choice: an explicit ``backend`` argument beats the ``FFENGINE_BACKEND`` environment
 variable, which beats auto. ``None`` and ``"auto"`` both mean "not chosen": the variable is
-consulted, then auto picks "cpu" when the extension loads and passes a self-check against the
-torch backend, else "torch" with one logged warning.
+consulted, then auto takes, for the inputs' device, the first backend of a static preference
+list (``_AUTO_PREFERENCE``, fastest first, from measurements) that can run there and passes a
+self-check against a float64 evaluation of the torch backend; a backend skipped because it
+cannot run logs one warning per device. A backend named explicitly that cannot run raises
+BackendUnavailableError with the reason.
 """
 
 from __future__ import annotations
@@ -29,16 +37,26 @@ from ffengine.errors import BackendUnavailableError
 
 ENV_VAR = "FFENGINE_BACKEND"
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
-_NOT_IMPLEMENTED = ("triton", "cuda")
+_NOT_IMPLEMENTED = ("cuda",)
 _CPU_DTYPES = (torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Upper bound on the elements of the (chunk, V, K, d_out) intermediate of ghost_score_torch.
 _MAX_INTERMEDIATE_ELEMENTS = 1 << 24
 
+# auto's choice per device type, fastest first; "torch" (runs anywhere) ends every list.
+# CUDA: the fused Triton kernel reads h, δ and G once and keeps G·h in registers, where the
+# torch composite writes the (B·V, K·d_out) product to memory and reads it back.
+# CPU: CPU_PREFERENCE_NOTE
+# Triton on CPU tensors runs in its interpreter, a test mode: never auto's choice.
+_AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cuda": ("triton", "torch"),
+    "cpu": ("torch",),
+}
+
 _logger = logging.getLogger(__name__)
 _lock = threading.Lock()
-_cpu_check_done = False
-_cpu_check_failure: str | None = None
-_auto_choice: str | None = None
+_check_failures: dict[tuple[str, str], str | None] = {}  # (backend, device) -> why not, or None
+_auto_choices: dict[str, str] = {}  # device -> backend
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -46,16 +64,21 @@ def _shape(t: torch.Tensor) -> str:
 
 
 def _validate(
-    h: torch.Tensor, delta: torch.Tensor, G_w: torch.Tensor, G_b: torch.Tensor | None
+    h: torch.Tensor,
+    delta: torch.Tensor,
+    G_w: torch.Tensor,
+    G_b: torch.Tensor | None,
+    op: str = "ghost_score",
 ) -> None:
-    """Raise ValueError/TypeError naming the argument, what was expected and what was received."""
+    """Raise ValueError/TypeError naming ``op``, the argument, what was expected and what was
+    received. Shared by every face of the op (the Triton launcher passes its own name)."""
     named = {"h": h, "delta": delta, "G_w": G_w}
     if G_b is not None:
         named["G_b"] = G_b
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(
-                f"ghost_score: argument {name!r} must be a torch.Tensor; received "
+                f"{op}: argument {name!r} must be a torch.Tensor; received "
                 f"{type(t).__name__}"
             )
     layouts = {
@@ -68,7 +91,7 @@ def _validate(
         ndim = 2 if name == "G_b" else 3
         if t.ndim != ndim:
             raise ValueError(
-                f"ghost_score: argument {name!r} must have {ndim} dimensions "
+                f"{op}: argument {name!r} must have {ndim} dimensions "
                 f"{layouts[name]}; received shape {_shape(t)}"
             )
     B, V, d_in = h.shape
@@ -76,32 +99,32 @@ def _validate(
     K = G_w.shape[0]
     if delta.shape[:2] != (B, V):
         raise ValueError(
-            f"ghost_score: argument 'delta' must have shape (B, V, d_out) with (B, V) = "
+            f"{op}: argument 'delta' must have shape (B, V, d_out) with (B, V) = "
             f"{(B, V)} as in h {_shape(h)}; received {_shape(delta)}"
         )
     if G_w.shape[1:] != (d_out, d_in):
         raise ValueError(
-            f"ghost_score: argument 'G_w' must have shape (K, d_out, d_in) with (d_out, d_in) = "
+            f"{op}: argument 'G_w' must have shape (K, d_out, d_in) with (d_out, d_in) = "
             f"{(d_out, d_in)} from delta {_shape(delta)} and h {_shape(h)}; received {_shape(G_w)}"
         )
     if G_b is not None and G_b.shape != (K, d_out):
         raise ValueError(
-            f"ghost_score: argument 'G_b' must have shape (K, d_out) = {(K, d_out)}; "
+            f"{op}: argument 'G_b' must have shape (K, d_out) = {(K, d_out)}; "
             f"received {_shape(G_b)}"
         )
     if not h.dtype.is_floating_point:
         raise ValueError(
-            f"ghost_score: argument 'h' must have a floating-point dtype; received {h.dtype}"
+            f"{op}: argument 'h' must have a floating-point dtype; received {h.dtype}"
         )
     for name, t in named.items():
         if t.dtype != h.dtype:
             raise ValueError(
-                f"ghost_score: argument {name!r} must have dtype {h.dtype} like h; "
+                f"{op}: argument {name!r} must have dtype {h.dtype} like h; "
                 f"received {t.dtype}"
             )
         if t.device != h.device:
             raise ValueError(
-                f"ghost_score: argument {name!r} must be on device {h.device} like h; "
+                f"{op}: argument {name!r} must be on device {h.device} like h; "
                 f"received {t.device}"
             )
 
@@ -171,70 +194,178 @@ def _ghost_score_cpu(
     return torch.from_numpy(dots), torch.from_numpy(sqnorm)
 
 
-def _cpu_self_check() -> str | None:
-    """Why the compiled op must not be trusted, or None. Cached for the process."""
-    global _cpu_check_done, _cpu_check_failure
-    with _lock:
-        if _cpu_check_done:
-            return _cpu_check_failure
-    if _ext.load_extension() is None:
-        failure = _ext.unavailable_reason()
-    else:
-        failure = None
-        gen = torch.Generator().manual_seed(0)
-        for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
-            for with_bias in (True, False):
-                h = torch.randn(3, 2, 7, generator=gen, dtype=torch.float64).to(dtype)
-                delta = torch.randn(3, 2, 5, generator=gen, dtype=torch.float64).to(dtype)
-                G_w = torch.randn(2, 5, 7, generator=gen, dtype=torch.float64).to(dtype)
-                G_b = torch.randn(2, 5, generator=gen, dtype=torch.float64).to(dtype)
-                G_b = G_b if with_bias else None
-                try:
-                    got = _ghost_score_cpu(h, delta, G_w, G_b)
-                except Exception as e:  # any failure means: do not trust this backend
-                    failure = f"self-check raised {type(e).__name__}: {e}"
-                    break
-                want = ghost_score_torch(h, delta, G_w, G_b)
-                for name, g, w in zip(("dots", "sqnorm"), got, want, strict=True):
-                    scale = float(w.abs().max())
-                    err = float((g - w).abs().max())
-                    if g.dtype != dtype or g.shape != w.shape or not err <= rtol * scale:
-                        failure = (
-                            f"self-check failed: {name} ({dtype}, bias={with_bias}) differs "
-                            f"from the torch backend by {err:.3g} (scale {scale:.3g}, "
-                            f"rtol {rtol:g})"
-                        )
-                        break
-                if failure:
-                    break
-            if failure:
-                break
-    with _lock:
-        _cpu_check_done, _cpu_check_failure = True, failure
-    return failure
+def _triton_kernels():
+    """The module ``ffengine.kernels.ghost_score`` and None, or None and why it won't import."""
+    try:
+        from ffengine.kernels import ghost_score as kernels
+    except Exception as e:  # ImportError, or Triton failing to initialize: either way, unusable
+        return None, (
+            f"cannot import ffengine.kernels.ghost_score ({type(e).__name__}: {e}); "
+            "it needs Triton (pip install triton)"
+        )
+    return kernels, None
 
 
-def _auto_backend() -> str:
-    global _auto_choice
+def _ghost_score_triton(
+    h: torch.Tensor, delta: torch.Tensor, G_w: torch.Tensor, G_b: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused Triton kernels; float32 results cast to the input dtype."""
+    kernels, reason = _triton_kernels()
+    if kernels is None:
+        raise BackendUnavailableError(f"ghost_score backend 'triton' cannot run: {reason}")
+    dots, sqnorm = kernels.ghost_score_triton(h, delta, G_w, G_b)
+    return dots.to(h.dtype), sqnorm.to(h.dtype)
+
+
+def _triton_unavailable(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on ``device`` at all (before any self-check)."""
+    kernels, reason = _triton_kernels()
+    if kernels is None:
+        return reason
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+        if kernels.interpreted():
+            return (
+                "TRITON_INTERPRET=1 was set when ffengine.kernels.ghost_score was imported, so "
+                "the kernels run in the CPU interpreter; unset it and restart the process"
+            )
+        return None
+    if device.type == "cpu":
+        interpret_now = os.environ.get("TRITON_INTERPRET", "") == "1"
+        if kernels.interpreted():
+            if interpret_now:
+                return None
+            return (
+                "TRITON_INTERPRET was unset after ffengine.kernels.ghost_score was imported "
+                "under it; Triton's interpreter needs it for the life of the process"
+            )
+        if interpret_now:
+            return (
+                "TRITON_INTERPRET=1 was set after ffengine.kernels.ghost_score was imported "
+                "(Triton reads it when a kernel is defined); set it at process start"
+            )
+        return (
+            "Triton needs CUDA tensors; CPU tensors run only in its interpreter "
+            "(set TRITON_INTERPRET=1 at process start: a slow test mode)"
+        )
+    return f"Triton does not run on {device.type} tensors"
+
+
+_FAST_BACKENDS = ("cpu", "triton")  # the ones that need a self-check
+
+
+def _run_fast(
+    backend: str,
+    h: torch.Tensor,
+    delta: torch.Tensor,
+    G_w: torch.Tensor,
+    G_b: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "cpu":
+        return _ghost_score_cpu(h, delta, G_w, G_b)
+    return _ghost_score_triton(h, delta, G_w, G_b)
+
+
+def _unavailable(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run on ``device`` at all (before any self-check), or None."""
+    if backend == "cpu":
+        return None if _ext.load_extension() is not None else _ext.unavailable_reason()
+    return _triton_unavailable(device)
+
+
+def _run_self_check(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` must not be trusted on ``device``, or None.
+
+    Tiny odd-sized inputs, with and without bias, compared with the torch backend evaluated
+    in float64 on the same (rounded) inputs.
+    """
+    problem = _unavailable(backend, device)
+    if problem is not None:
+        return problem
+    cases = [(torch.float64, 1e-10), (torch.float32, 1e-4)]
+    if backend == "triton":
+        cases = cases[1:]  # the kernels take float32 and half precision, not float64
+    gen = torch.Generator().manual_seed(0)
+    for dtype, rtol in cases:
+        for with_bias in (True, False):
+            shapes = ((3, 2, 7), (3, 2, 5), (2, 5, 7), (2, 5))
+            inputs = [torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in shapes]
+            h, delta, G_w, G_b = (t.to(device=device, dtype=dtype) for t in inputs)
+            G_b = G_b if with_bias else None
+            try:
+                got = _run_fast(backend, h, delta, G_w, G_b)
+            except Exception as e:  # any failure means: do not trust this backend
+                return f"self-check raised {type(e).__name__}: {e}"
+            want = ghost_score_torch(
+                h.double(), delta.double(), G_w.double(), None if G_b is None else G_b.double()
+            )
+            for name, g, w in zip(("dots", "sqnorm"), got, want, strict=True):
+                if g.dtype != dtype or g.shape != w.shape or g.device != w.device:
+                    return (
+                        f"self-check failed: {name} ({dtype}, bias={with_bias}) came back as "
+                        f"{g.dtype} {_shape(g)} on {g.device}; expected {dtype} {_shape(w)} "
+                        f"on {w.device}"
+                    )
+                scale = float(w.abs().max())
+                err = float((g.double() - w).abs().max())
+                if not err <= rtol * scale:
+                    return (
+                        f"self-check failed: {name} ({dtype}, bias={with_bias}) differs "
+                        f"from the torch backend by {err:.3g} (scale {scale:.3g}, "
+                        f"rtol {rtol:g})"
+                    )
+    return None
+
+
+def _self_check(backend: str, device: torch.device) -> str | None:
+    """Cached ``_run_self_check``: once per process, backend and device."""
+    if backend == "cpu":
+        device = torch.device("cpu")  # the compiled op only ever runs on the CPU
+    key = (backend, str(device))
     with _lock:
-        if _auto_choice is not None:
-            return _auto_choice
-    failure = _cpu_self_check()
-    choice = "cpu" if failure is None else "torch"
+        if key in _check_failures:
+            return _check_failures[key]
+    failure = _run_self_check(backend, device)
     with _lock:
-        first = _auto_choice is None
-        _auto_choice = choice
-    if failure is not None and first:
+        _check_failures.setdefault(key, failure)
+        return _check_failures[key]
+
+
+def _auto_backend(device: torch.device) -> str:
+    key = str(device)
+    with _lock:
+        if key in _auto_choices:
+            return _auto_choices[key]
+    skipped = []
+    choice = "torch"
+    for candidate in _AUTO_PREFERENCE.get(device.type, ("torch",)):
+        if candidate == "torch":
+            break
+        failure = _self_check(candidate, device)
+        if failure is None:
+            choice = candidate
+            break
+        skipped.append(f"{candidate!r}: {failure}")
+    with _lock:
+        first = key not in _auto_choices
+        choice = _auto_choices.setdefault(key, choice)
+    if skipped and first:
         _logger.warning(
-            "ghost_score backend 'auto': the compiled CPU backend is not used (%s); "
-            "falling back to the pure-torch backend",
-            failure,
+            "ghost_score backend 'auto' on %s: not using %s; falling back to %r",
+            device,
+            "; ".join(skipped),
+            choice,
         )
     return choice
 
 
-def _resolve(name: str | None) -> tuple[str, bool]:
-    """(concrete backend, whether it was chosen by auto)."""
+def _as_device(device: torch.device | str | None) -> torch.device:
+    return torch.device("cpu") if device is None else torch.device(device)
+
+
+def _resolve(name: str | None, device: torch.device) -> tuple[str, bool]:
+    """(concrete backend, whether it was chosen by auto) for inputs on ``device``."""
     source = "argument backend"
     if name is not None and not isinstance(name, str):
         raise BackendUnavailableError(
@@ -252,30 +383,36 @@ def _resolve(name: str | None) -> tuple[str, bool]:
             f"unknown ghost_score backend {name!r} (from {source}); expected one of {BACKENDS}"
         )
     if key == "auto":
-        return _auto_backend(), True
+        return _auto_backend(device), True
     if key in _NOT_IMPLEMENTED:
         raise BackendUnavailableError(
             f"ghost_score backend {key!r} (from {source}) is not implemented yet; "
-            "use 'torch' or 'cpu'"
+            "use 'triton' (CUDA tensors), 'torch' or 'cpu'"
         )
-    if key == "cpu":
-        failure = _cpu_self_check()
+    if key in _FAST_BACKENDS:
+        failure = _self_check(key, device)
         if failure is not None:
+            where = "" if key == "cpu" else f" on {device}"
             raise BackendUnavailableError(
-                f"ghost_score backend 'cpu' (from {source}) cannot run: {failure}; "
+                f"ghost_score backend {key!r} (from {source}) cannot run{where}: {failure}; "
                 "use backend='torch' instead"
             )
     return key, False
 
 
-def resolve_backend(name: str | None = None) -> str:
-    """The concrete backend ("torch" or "cpu") that ``ghost_score`` would use for ``name``.
+def resolve_backend(name: str | None = None, device: torch.device | str | None = None) -> str:
+    """The concrete backend ("torch", "cpu" or "triton") ``ghost_score`` would use for ``name``
+    on inputs that live on ``device`` (default: the CPU).
 
     ``name`` beats the ``FFENGINE_BACKEND`` variable, which beats auto; ``None`` and "auto"
     mean "not chosen". Raises BackendUnavailableError for an unknown name or a named backend
-    that cannot run here, with the reason.
+    that cannot run on ``device``, with the reason.
     """
-    return _resolve(name)[0]
+    return _resolve(name, _as_device(device))[0]
+
+
+def _needs_grad(tensors: list[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _cpu_input_problem(tensors: list[torch.Tensor]) -> str | None:
@@ -284,9 +421,27 @@ def _cpu_input_problem(tensors: list[torch.Tensor]) -> str | None:
         return f"inputs are on {h.device}, the cpu backend needs CPU tensors"
     if h.dtype not in _CPU_DTYPES:
         return f"inputs have dtype {h.dtype}, the cpu backend supports float32 and float64"
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if _needs_grad(tensors):
         return "inputs require grad and the cpu backend is not differentiable"
     return None
+
+
+def _triton_input_problem(tensors: list[torch.Tensor]) -> str | None:
+    h = tensors[0]
+    if h.dtype not in _TRITON_DTYPES:
+        return (
+            f"inputs have dtype {h.dtype}, the triton backend supports float32, bfloat16 "
+            "and float16"
+        )
+    if _needs_grad(tensors):
+        return "inputs require grad and the triton backend is not differentiable"
+    kernels, _ = _triton_kernels()
+    if kernels is not None and h.shape[1] > kernels.MAX_VIEWS:
+        return f"V = {h.shape[1]} views, the triton backend takes at most {kernels.MAX_VIEWS}"
+    return None
+
+
+_INPUT_PROBLEMS = {"cpu": _cpu_input_problem, "triton": _triton_input_problem}
 
 
 def ghost_score(
@@ -303,34 +458,37 @@ def ghost_score(
         delta: (B, V, d_out) backprop signals ``∂ℓ/∂y``.
         G_w: (K, d_out, d_in) stacked weight gradients.
         G_b: (K, d_out) stacked bias gradients, or None for a layer without bias.
-        backend: "auto", "torch", "cpu" ("triton", "cuda": not implemented yet), or None:
-            see the module docstring. When auto picks "cpu" but the inputs do not suit it
-            (not on CPU, half precision, or needing autograd), "torch" runs instead.
+        backend: "auto", "torch", "cpu", "triton" ("cuda": not implemented yet), or None:
+            see the module docstring; auto decides for the inputs' device. When auto picks a
+            backend that does not suit the inputs (wrong dtype, or needing autograd),
+            "torch" runs instead.
 
     Returns:
-        ``(dots (B, K), sqnorm (B,))`` in the input dtype, on the input device.
+        ``(dots (B, K), sqnorm (B,))`` in the input dtype, on the input device. (The Triton
+        kernels accumulate in float32; for their float32 results on half-precision inputs,
+        call ``ffengine.kernels.ghost_score.ghost_score_triton`` directly.)
 
     Raises:
         ValueError, TypeError: bad shapes, dtypes or devices (the message names the argument).
         BackendUnavailableError: unknown backend, or a named backend that cannot run here.
     """
     _validate(h, delta, G_w, G_b)
-    chosen, by_auto = _resolve(backend)
-    if chosen == "cpu":
+    chosen, by_auto = _resolve(backend, h.device)
+    if chosen in _FAST_BACKENDS:
         tensors = [h, delta, G_w] + ([] if G_b is None else [G_b])
-        problem = _cpu_input_problem(tensors)
+        problem = _INPUT_PROBLEMS[chosen](tensors)
         if problem is None:
-            return _ghost_score_cpu(h, delta, G_w, G_b)
+            return _run_fast(chosen, h, delta, G_w, G_b)
         if not by_auto:
             raise BackendUnavailableError(
-                f"ghost_score backend 'cpu' cannot run on these inputs: {problem}; "
+                f"ghost_score backend {chosen!r} cannot run on these inputs: {problem}; "
                 "use backend='torch'"
             )
     return ghost_score_torch(h, delta, G_w, G_b)
 
 
 def _reset_backend_cache() -> None:
-    """Forget the cached self-check and auto choice (tests only)."""
-    global _cpu_check_done, _cpu_check_failure, _auto_choice
+    """Forget the cached self-checks and auto choices (tests only)."""
     with _lock:
-        _cpu_check_done, _cpu_check_failure, _auto_choice = False, None, None
+        _check_failures.clear()
+        _auto_choices.clear()

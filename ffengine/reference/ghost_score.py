@@ -33,9 +33,9 @@ def ghost_score_reference(
     """
     B = h.shape[0]
     K = G_w.shape[0]
-    G_parts = [G_w.reshape(K, -1)]
+    G_parts = [G_w.flatten(1)]  # flatten, not reshape(K, -1): K may be 0
     if G_b is not None:
-        G_parts.append(G_b.reshape(K, -1))
+        G_parts.append(G_b)
     G_flat = torch.cat(G_parts, dim=1)  # (K, d_out*d_in [+ d_out])
 
     dots = torch.empty(B, K, dtype=h.dtype, device=h.device)

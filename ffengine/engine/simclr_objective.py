@@ -1,0 +1,62 @@
+"""SimCLR's objective as the Engine sees it (:mod:`ffengine.engine.objective`): two
+augmented views per sample, NT-Xent with the other batch members as constant negatives,
+scored layers in the projection head."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..data.augment import augment_batch, stream_id
+from ..models import SimCLRModel
+from ..reference.scoring import score_batch_reference
+from ..run import Checkpoint, Run
+from .cosine import cosine_gradients
+from .head import ghost_terms, head_signals, normalized_scores, scored_modules
+
+SCORE_STREAM = 1  # purpose tag of scoring views in the augmentation streams (pre-training: 0)
+BACKBONE_BATCH = 512  # views per backbone forward
+
+
+class SimclrObjective:
+    name = "nt_xent"
+    views = 2
+    draws_matter = True  # every draw is a new pair of augmented views
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.layers = run.scored_layers
+        self.temperature = run.temperature
+        self.augment = run.augment
+
+    def load_model(self, ckpt: Checkpoint, device: torch.device | str = "cpu") -> SimCLRModel:
+        return self.run.load_model(ckpt, device)
+
+    def cosine_gradients(self, model: SimCLRModel, x_b: Sequence[torch.Tensor],
+                         x_r: Sequence[torch.Tensor]):
+        return cosine_gradients(model, x_b, x_r, self.layers)
+
+    def view_features(self, model: SimCLRModel, images: torch.Tensor, sizes: np.ndarray,
+                      ids: np.ndarray, seed: int, epoch: int, draw: int) -> torch.Tensor:
+        """(2B, d) backbone features of both views (view-major rows), no autograd graph."""
+        out = []
+        with torch.no_grad():
+            for v in (0, 1):
+                x = augment_batch(images, sizes, ids, seed,
+                                  stream_id(SCORE_STREAM, epoch, draw, v), self.augment)
+                out += [model.features(x[s: s + BACKBONE_BATCH])
+                        for s in range(0, len(x), BACKBONE_BATCH)]
+        return torch.cat(out)
+
+    def score_batch(self, model: SimCLRModel, index, images: torch.Tensor, sizes: np.ndarray,
+                    ids: np.ndarray, grads: dict[str, torch.Tensor], *, seed: int, epoch: int,
+                    draw: int, backend: str | None, reference: bool) -> torch.Tensor:
+        feats = self.view_features(model, images, sizes, ids, seed, epoch, draw)
+        if reference:
+            return score_batch_reference(model, feats, grads, self.layers, self.temperature)
+        sig = head_signals(model.head, feats, scored_modules(model, self.layers),
+                           self.temperature)
+        dots, sq = ghost_terms(sig, grads, views=2, backend=backend)
+        return normalized_scores(dots, sq)
