@@ -55,7 +55,7 @@ class GridConfig:
     trigger_shape: str = "square"
     target_class: int = 9
     seed: int = 0
-    model: str = "mini"
+    model: str = "small"
     epochs: int = 75
     ckpt_every: int = 15
 

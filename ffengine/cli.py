@@ -103,7 +103,7 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
         from .pretrain.clip import ClipPretrainConfig, pretrain_clip
 
         ccfg = ClipPretrainConfig(
-            model=a.model if a.model != "mini" else "ffclip-vit-tiny", epochs=a.epochs,
+            model=a.model or "ffclip-vit-tiny", epochs=a.epochs,
             batch_size=a.batch_size, lr=a.lr, schedule=a.schedule, ckpt_every=a.ckpt_every,
             seed=a.seed, bf16=a.bf16,
             **({} if a.weight_decay is None else {"weight_decay": a.weight_decay}))
@@ -112,7 +112,8 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     else:
         from .pretrain.simclr import PretrainConfig, pretrain
 
-        cfg = PretrainConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+        cfg = PretrainConfig(model=a.model or "small", epochs=a.epochs,
+                             batch_size=a.batch_size, lr=a.lr,
                              weight_decay=1e-6 if a.weight_decay is None else a.weight_decay,
                              schedule=a.schedule, temperature=a.temperature,
                              ckpt_every=a.ckpt_every, seed=a.seed, bf16=a.bf16)
@@ -228,7 +229,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
         kw = {} if a.epochs is None else {"epochs": a.epochs}
         res = run_clip_demo(attack=a.attack, workdir=a.workdir, poison_rate=a.poison_rate,
                             progress=not a.quiet,
-                            **kw, **({} if a.model == "mini" else {"model": a.model}))
+                            **kw, **({} if a.model is None else {"model": a.model}))
         _emit({k: v for k, v in res.items() if k != "report"}, a.json, res["report"])
         return 0
     if a.attack not in ("pe1", "pe2"):
@@ -237,7 +238,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
     res = run_demo(attack=a.attack, workdir=a.workdir, from_scratch=a.from_scratch,
-                   poison_rate=a.poison_rate, epochs=a.epochs, model=a.model,
+                   poison_rate=a.poison_rate, epochs=a.epochs, model=a.model or "small",
                    progress=not a.quiet)
     _emit({k: v for k, v in res.items() if k != "report"}, a.json, res["report"])
     return 0
@@ -276,9 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--index", required=True)
     q.add_argument("-o", "--output", required=True, help="run directory")
     q.add_argument("--modality", default="simclr", choices=["simclr", "clip"])
-    q.add_argument("--model", default="mini",
-                   help="SimCLR: resnet18, small, mini or tiny; CLIP: an open_clip model name "
-                        "(default ffclip-vit-tiny)")
+    q.add_argument("--model", default=None,
+                   help="SimCLR: resnet18, small (default), mini or tiny; CLIP: an open_clip "
+                        "model name (default ffclip-vit-tiny)")
     q.add_argument("--epochs", type=int, default=75)
     q.add_argument("--batch-size", type=int, default=256)
     q.add_argument("--lr", type=float, default=1e-3)
@@ -342,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pre-train instead of using the bundled run")
     q.add_argument("--poison-rate", type=float, default=None)
     q.add_argument("--epochs", type=int, default=None, help="with --from-scratch")
-    q.add_argument("--model", default="mini", help="with --from-scratch: the model preset")
+    q.add_argument("--model", default=None,
+                   help="with --from-scratch: the model (default: small for SimCLR, "
+                        "ffclip-vit-tiny for CLIP)")
     common(q)
     q.set_defaults(func=cmd_demo)
     return p

@@ -37,7 +37,7 @@ def bundled_run(attack: str, poison_rate: float) -> Path | None:
 
 def run_demo(attack: str = "pe2", workdir: str | Path = "ffengine-demo",
              from_scratch: bool = False, poison_rate: float | None = None,
-             epochs: int | None = None, model: str = "mini", progress: bool = True) -> dict:
+             epochs: int | None = None, model: str = "small", progress: bool = True) -> dict:
     t0 = time.perf_counter()
     rate = DEFAULT_POISON_RATE if poison_rate is None else poison_rate
     # one sub-directory per attack setting: re-running reuses what is there (a finished

@@ -25,7 +25,7 @@ PRETRAIN_STREAM = 0  # purpose tag in the augmentation streams (scoring uses oth
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    model: str | ModelConfig = "mini"
+    model: str | ModelConfig = "small"
     epochs: int = 75
     batch_size: int = 256
     lr: float = 1e-3
