@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import TOLERANCES
+from .conftest import TOLERANCES
 
 import ffengine
 from ffengine import _ext

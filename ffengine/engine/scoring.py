@@ -115,7 +115,7 @@ class Engine:
             raise ConfigError(f"{self.objective.name} scores a fixed view of each sample: "
                               f"more than one draw repeats the same work; use draws=1.")
         self.device = torch.device(device)
-        self.backend = resolve_backend(backend)
+        self.backend = resolve_backend(backend, device=self.device)
         if draws < 1:
             raise ConfigError(f"draws must be at least 1, got {draws}.")
         if aggregate not in AGGREGATES:

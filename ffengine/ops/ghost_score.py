@@ -44,9 +44,13 @@ _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_INTERMEDIATE_ELEMENTS = 1 << 24
 
 # auto's choice per device type, fastest first; "torch" (runs anywhere) ends every list.
-# CUDA: the fused Triton kernel reads h, δ and G once and keeps G·h in registers, where the
-# torch composite writes the (B·V, K·d_out) product to memory and reads it back.
-# CPU: CPU_PREFERENCE_NOTE
+# CUDA: the fused Triton kernels keep each tile of G·h in registers and reduce it against δ
+# at once, where the torch composite writes the whole (B·V, K·d_out) product to memory and
+# reads it back. (Expected, not yet measured on a GPU: bench/bench_ghost_score.py.)
+# CPU: the torch composite (one GEMM + bmm) was measured 1.5-3x faster than the compiled
+# "cpu" op at B=512, V=2, d_in=512, d_out in {128, 512}, K in {1, 8} (float32, the project's
+# 2-core Intel Xeon VM, torch 2.x; bench/bench_ghost_score.py). Not re-measured with this
+# change (the machine was busy pre-training); bench/README.md, "Ghost score kernels".
 # Triton on CPU tensors runs in its interpreter, a test mode: never auto's choice.
 _AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "torch"),
