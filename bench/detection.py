@@ -242,7 +242,10 @@ def write_markdown(rows: list[dict]) -> None:
             f"{'yes' if r['took'] else 'no'} | {r['dacc']:.4f} | {r['fpr']:.4f} | "
             f"{r['fnr']:.4f} | {r['auc']:.4f} | {r['fnr_at_fpr_1pct']:.4f} | {r['n_flagged']} | "
             f"{r['pretrain_s']} | {r['trace_s']} |")
-    lines += ["", "Commands:", ""]
+    lines += ["", "Times are this command's own: 0 where it reused a cached run or trace (the "
+              "PE-II 10% run took 67 min to pre-train; its paper-method trace took 250 s "
+              "inside `ffengine demo`, whose result directory was reused).", "",
+              "Commands:", ""]
     for cmd in sorted({r["command"] for r in rows}):
         lines.append(f"* `{cmd}`")
     RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)
