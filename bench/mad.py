@@ -30,7 +30,15 @@ GEN_CHUNK = 1 << 22
 
 
 def _peak_rss_mib() -> float:
-    # ru_maxrss is KiB on Linux, bytes on macOS.
+    # Linux: VmHWM of this process's own address space. ru_maxrss is no good here: it
+    # survives fork+exec, so a measuring child would report its parent's peak (the parent
+    # maps the whole generated file). Elsewhere ru_maxrss (KiB on Linux, bytes on macOS).
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     scale = 1.0 if sys.platform == "darwin" else 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
