@@ -106,17 +106,26 @@ def find_instance(model: SimCLRModel, cfg: AttackConfig, bank: SampleIndex, test
     order = np.random.default_rng([cfg.seed, 4]).permutation(len(ids))
     hit_set = set(hits.tolist())
     pick = next((j for j in order if j in hit_set), order[0])
-    x_b = trig[pick]
-    pool = [j for j in range(len(test)) if j != ids[pick]]
-    pool_emb = embed_images(model, [test.image(j) for j in pool], head=True)
-    q = embed_images(model, [x_b], head=True)
-    sims = (pool_emb @ q.T).squeeze(1)
+    return instance_with_nearest_reference(
+        test, ids, trig, pred, pick, cfg, lambda imgs: embed_images(model, imgs, head=True),
+        "x_b_knn_class")
+
+
+def instance_with_nearest_reference(test: SampleIndex, ids: np.ndarray,
+                                    triggered: list[np.ndarray], pred: np.ndarray, pick: int,
+                                    cfg, embed, class_key: str) -> Instance:
+    """The instance whose ``x_b`` is ``triggered[pick]`` (from test sample ``ids[pick]``) and
+    whose ``x_r`` is the other test image closest to it under ``embed`` (images ->
+    L2-normalized embeddings, (N, d)): shared by the SimCLR and CLIP paths."""
+    x_b = triggered[pick]
+    pool = [j for j in range(len(test)) if j != int(ids[pick])]
+    sims = (embed([test.image(j) for j in pool]) @ embed([x_b]).T).squeeze(1)
     best = int(sims.argmax())
     r = pool[best]
     meta = {
         "x_b_source": test.key(int(ids[pick])),
         "x_b_label": int(test.labels[ids[pick]]),
-        "x_b_knn_class": int(pred[pick]),
+        class_key: int(pred[pick]),
         "x_r_source": test.key(r),
         "x_r_label": int(test.labels[r]),
         "cos": float(sims[best]),

@@ -23,6 +23,7 @@ from ..data.captions import class_prompts
 from ..data.index import SampleIndex
 from ..data.loader import pad_images
 from ..models.clip import ClipModel
+from .backdoor import instance_with_nearest_reference
 from .clip_objective import model_inputs
 from .instance import Instance
 
@@ -93,23 +94,9 @@ def find_clip_instance(model: ClipModel, cfg: ClipAttackConfig, test: SampleInde
     hits = set(np.flatnonzero(pred == cfg.target_class).tolist())
     order = np.random.default_rng([cfg.seed, 4]).permutation(len(ids))
     pick = next((int(j) for j in order if int(j) in hits), int(order[0]))
-    x_b = trig[pick]
-    pool = [j for j in range(len(test)) if j != int(ids[pick])]
-    sims = (embed_images(model, [test.image(j) for j in pool])
-            @ embed_images(model, [x_b]).T).squeeze(1)
-    best = int(sims.argmax())
-    r = pool[best]
-    meta = {
-        "x_b_source": test.key(int(ids[pick])),
-        "x_b_label": int(test.labels[ids[pick]]),
-        "x_b_zero_shot_class": int(pred[pick]),
-        "x_r_source": test.key(r),
-        "x_r_label": int(test.labels[r]),
-        "cos": float(sims[best]),
-        "attack": cfg.to_dict(),
-        "backdoor_took_on_x_b": bool(pred[pick] == cfg.target_class),
-    }
-    return Instance(x_b, test.image(r), meta)
+    return instance_with_nearest_reference(test, ids, trig, pred, pick, cfg,
+                                           lambda imgs: embed_images(model, imgs),
+                                           "x_b_zero_shot_class")
 
 
 __all__ = ["clip_backdoor_strength", "embed_images", "find_clip_instance",
