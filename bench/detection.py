@@ -25,15 +25,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ffengine.attacks.poisoned_encoder import AttackConfig, poison_dataset
+from ffengine.attacks.poisoned_encoder import AttackConfig, load_truth, poison_dataset
 from ffengine.attacks.triggers import TriggerConfig
 from ffengine.data.demo_data import demo_index
 from ffengine.data.index import SampleIndex
-from ffengine.engine.backdoor import backdoor_strength, find_instance, knn_bank
+from ffengine.detect import flag
+from ffengine.engine.backdoor import backdoor_strength, find_instances, knn_bank
 from ffengine.engine.instance import load_instance
-from ffengine.engine.scoring import Engine
-from ffengine.evaluate import evaluate
+from ffengine.engine.scoring import Engine, aggregate_draws, detection_scores
 from ffengine.io_utils import atomic_write_bytes, atomic_write_json
+from ffengine.methods import DEFAULT_METHOD, Method
+from ffengine.methods import METHODS as PRODUCT_METHODS
+from ffengine.metrics import detection_metrics
 from ffengine.pretrain.simclr import PretrainConfig, pretrain
 from ffengine.run import Run
 from ffengine.trace import trace
@@ -73,26 +76,33 @@ class GridConfig:
                             poison_rate=self.poison_rate, trigger=trig, seed=self.seed)
 
 
-@dataclass(frozen=True)
-class Method:
-    """A scoring method: options of Engine/trace."""
+def trace_name(m: Method) -> str:
+    """The cached trace whose terms hold method ``m``'s: per-(checkpoint, draw, instance)
+    terms do not depend on which others are scored beside them, to float32 rounding
+    (tests/test_pipeline.py, ``test_terms_do_not_depend_on_the_other_options``), so every
+    method is a slice of one trace."""
+    for name, (ckpts, draws) in TRACES.items():
+        if ckpts == m.checkpoints and m.draws <= draws:
+            return name
+    raise ValueError(f"no cached trace holds {m}")
 
-    checkpoints: str = "all"
-    draws: int = 1
-    aggregate: str = "mean"
-    k: float = 3.0
 
+# One trace per (checkpoints, draws) setting, with N_INSTANCES instances in one pass.
+TRACES = {"all-d1": ("all", 1), "last-d16": ("last", 16)}
+N_INSTANCES = 5
 
 METHODS = {
-    # The paper's Eq. 5 as written: every checkpoint, one augmentation draw, MAD k = 3.
-    "paper": Method(),
-    "all-mean4": Method(draws=4, aggregate="mean"),
-    "last-mean4": Method(checkpoints="last", draws=4, aggregate="mean"),
+    **PRODUCT_METHODS,
+    "paper-5inst": Method(instances=5),
+    "last-mean16": Method(checkpoints="last", draws=16, aggregate="mean"),
     "last-max8": Method(checkpoints="last", draws=8, aggregate="max"),
+    "last-max16": Method(checkpoints="last", draws=16, aggregate="max"),
+    # the paper's k ablation (Table 6: k = 1, 3, 6)
+    "paper-k1": Method(k=1.0),
+    "paper-k6": Method(k=6.0),
+    "last-max16x5-k6": Method(checkpoints="last", draws=16, aggregate="max", instances=5,
+                              k=6.0),
 }
-# ffengine's default stays the paper's method until another one is shown to help across the
-# grid (not on one configuration).
-DEFAULT_METHOD = "paper"
 
 _base = GridConfig()
 GRIDS = {
@@ -133,36 +143,76 @@ def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool)
         from PIL import Image
 
         trig = np.array(Image.open(work / "data" / "trigger.png").convert("RGB"))
-    if strength_path.exists():
-        strength = json.loads(strength_path.read_text())
-    else:
+    inst_dir = work / "instances"
+    if not strength_path.exists() or not (inst_dir / "done").exists():
         model = run.load_model(run.checkpoints[-1])
         bank, test = demo_index("train"), demo_index("test")
         knn = knn_bank(model, bank)
         strength = backdoor_strength(model, acfg, bank, test, trig, knn=knn)
-        find_instance(model, acfg, bank, test, trig, knn=knn).save(work / "instance")
+        truth = load_truth(work / "data")
+        found = find_instances(model, acfg, bank, test, trig, N_INSTANCES, knn=knn,
+                               trigger_label=truth.get("pe1_trigger_label"))
+        for i, inst in enumerate(found):
+            inst.save(inst_dir / f"{i:02d}")
         atomic_write_json(strength_path, strength)
-    inst = load_instance(work / "instance")
+        atomic_write_bytes(inst_dir / "done", b"")
+    strength = json.loads(strength_path.read_text())
+    inst_paths = sorted(str(d) for d in inst_dir.iterdir() if d.is_dir())
+    instances = [load_instance(d) for d in inst_paths]
     took = (strength["asr"] >= TOOK_MIN_ASR
             and strength["asr"] - strength["asr_untriggered"] >= TOOK_MIN_GAP)
 
+    needed = sorted({trace_name(METHODS[m]) for m in methods})
+    trace_s: dict[str, float] = {}
+    for name in needed:
+        ckpts, draws = TRACES[name]
+        out = work / "traces" / f"v2-{name}"
+        t0 = time.perf_counter()
+        if not (out / "summary.json").exists():
+            engine = Engine(run, checkpoints=ckpts, draws=draws, progress=progress)
+            trace(engine, index, instances, out, instance_paths=inst_paths)
+        trace_s[name] = round(time.perf_counter() - t0, 1)
+
+    truth = load_truth(work / "data")
     rows = []
     for name in methods:
         m = METHODS[name]
-        out = work / "traces" / name
-        t0 = time.perf_counter()
-        if not (out / "summary.json").exists():
-            engine = Engine(run, checkpoints=m.checkpoints, draws=m.draws,
-                            aggregate=m.aggregate, progress=progress)
-            trace(engine, index, [inst], out, k=m.k, instance_paths=[str(work / "instance")])
-        t_trace = time.perf_counter() - t0
-        metrics = evaluate(work / "data", out)
+        terms = np.load(work / "traces" / f"v2-{trace_name(m)}" / "terms.npy", mmap_mode="r")
+        metrics = method_metrics(terms, m, truth, index.labels, cfg.target_class)
         rows.append({"config": cfg.name, **asdict(cfg), "method": name, **asdict(m),
                      **strength, "took": took, **metrics,
-                     "x_b": inst.meta.get("x_b_source"), "x_r": inst.meta.get("x_r_source"),
+                     "x_b": instances[0].meta.get("x_b_source"),
+                     "x_r": instances[0].meta.get("x_r_source"),
                      "data_s": round(t_data, 1), "pretrain_s": round(t_run, 1),
-                     "trace_s": round(t_trace, 1)})
+                     "trace_s": trace_s[trace_name(m)]})
     return rows
+
+
+def method_metrics(terms: np.ndarray, m: Method, truth: dict, labels: np.ndarray,
+                   target: int) -> dict:
+    """A method's detection scores and metrics from a trace's (T, D, n, K) terms: the same
+    aggregation ``Engine`` and ``trace`` apply (sum over checkpoints, ``aggregate`` over
+    draws, mean over instances, MAD rule with ``k``). ``fpr_target`` / ``fpr_other``: the
+    false-positive rate among clean images of the target class / of the other classes."""
+    k_used = min(m.instances, terms.shape[3])
+    scores = aggregate_draws(np.asarray(terms[:, : m.draws, :, :k_used]), m.aggregate)
+    det = detection_scores(scores)
+    flagged = flag(det, m.k)
+    d = detection_metrics(flagged, truth["poisoned_ids"], truth["n"], scores=det)
+    return {"dacc": d["DACC"], "fpr": d["FPR"], "fnr": d["FNR"], "auc": d["ROC_AUC"],
+            "fnr_at_fpr_1pct": d["FNR_at_FPR_1pct"], "n": d["n"],
+            "n_poisoned": d["n_poisoned"], "n_flagged": d["n_flagged"], "tp": d["tp"],
+            "fp": d["fp"], "n_instances": k_used, **_fpr_by_class(flagged, truth, labels, target)}
+
+
+def _fpr_by_class(flagged: np.ndarray, truth: dict, labels: np.ndarray, target: int) -> dict:
+    clean = np.ones(len(labels), bool)
+    clean[truth["poisoned_ids"]] = False
+    hit = np.zeros(len(labels), bool)
+    hit[flagged] = True
+    tgt, other = clean & (labels == target), clean & (labels != target) & (labels >= 0)
+    return {"fpr_target": float(hit[tgt].mean()) if tgt.any() else None,
+            "fpr_other": float(hit[other].mean()) if other.any() else None}
 
 
 def _finished(run_dir: Path, epochs: int) -> bool:
@@ -180,8 +230,10 @@ def load_results() -> dict:
 
 def save_rows(rows: list[dict], command: str) -> None:
     res = load_results()
-    keep = [r for r in res["rows"]
-            if (r["config"], r["method"]) not in {(x["config"], x["method"]) for x in rows}]
+    new = {(x["config"], x["method"]) for x in rows}
+    # rows of methods no longer defined are dropped, not left to mislead
+    keep = [r for r in res["rows"] if (r["config"], r["method"]) not in new
+            and r["method"] in METHODS]
     for r in rows:
         r["command"] = command
         r["machine"] = f"{platform.machine()} {platform.processor() or ''} {_cpu_name()}".strip()
@@ -260,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--grid", choices=sorted(GRIDS))
     p.add_argument("--config", help="run the configurations whose name starts with this")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated, of {sorted(METHODS)}")
     p.add_argument("--cache", default=str(ROOT / "bench" / ".cache" / "detection"))
     p.add_argument("--summary", action="store_true")
     p.add_argument("--write-md", action="store_true")

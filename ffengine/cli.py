@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError, FFEngineError
+from .methods import DEFAULT_METHOD, METHODS, get_method
 
 
 def _add_attack_args(p: argparse.ArgumentParser) -> None:
@@ -140,23 +141,40 @@ def _load_attack_of(data_dir: Path):
 
 
 def cmd_instance(a: argparse.Namespace) -> int:
-    from .engine.backdoor import backdoor_strength, find_instance, knn_bank
+    from .engine.backdoor import backdoor_strength, find_instances, knn_bank
     from .run import Run
 
+    if a.count < 1:
+        raise ConfigError(f"--count must be at least 1, got {a.count}.")
     run = Run(a.run)
     if run.manifest["objective"]["name"] == "clip_infonce":
         return _clip_instance(a, run)
     model = run.load_model(run.checkpoints[-1], a.device)
-    cfg, trig, _ = _load_attack_of(Path(a.data))
+    cfg, trig, truth = _load_attack_of(Path(a.data))
     bank, test = _open_split(a.bank, "train"), _open_split(a.test, "test")
     knn = knn_bank(model, bank)
-    inst = find_instance(model, cfg, bank, test, trig, knn=knn)
-    inst.meta["strength"] = backdoor_strength(model, cfg, bank, test, trig, knn=knn)
-    inst.save(a.output)
-    _emit(inst.meta, a.json, f"instance written to {a.output}: x_b from "
-          f"{inst.meta['x_b_source']}, x_r = {inst.meta['x_r_source']} (cos "
-          f"{inst.meta['cos']:.3f}); asr {inst.meta['strength']['asr']:.3f} vs untriggered "
-          f"{inst.meta['strength']['asr_untriggered']:.3f}")
+    found = find_instances(model, cfg, bank, test, trig, a.count, knn=knn,
+                           trigger_label=truth.get("pe1_trigger_label"))
+    strength = backdoor_strength(model, cfg, bank, test, trig, knn=knn)
+    return _save_instances(a, found, strength, f"asr {strength['asr']:.3f} vs untriggered "
+                                                f"{strength['asr_untriggered']:.3f}")
+
+
+def _save_instances(a: argparse.Namespace, found: list, strength: dict, tail: str) -> int:
+    """One instance: written to ``-o``; several: to ``-o/00``, ``-o/01``, ... (pass them all
+    to ``trace --instance``)."""
+    out = Path(a.output)
+    paths = [out] if len(found) == 1 else [out / f"{i:02d}" for i in range(len(found))]
+    for inst, path in zip(found, paths, strict=True):
+        inst.meta["strength"] = strength
+        inst.save(path)
+    lines = [f"instance written to {path}: x_b from {inst.meta['x_b_source']}, x_r = "
+             f"{inst.meta['x_r_source']} (cos {inst.meta['cos']:.3f})"
+             for inst, path in zip(found, paths, strict=True)]
+    meta = found[0].meta if len(found) == 1 else {
+        "instances": [str(p) for p in paths], "strength": strength,
+        "metas": [i.meta for i in found]}
+    _emit(meta, a.json, "\n".join(lines + [tail]))
     return 0
 
 
@@ -164,20 +182,16 @@ def _clip_instance(a: argparse.Namespace, run) -> int:
     from .attacks.clip_attacks import ClipAttackConfig
     from .attacks.poisoned_encoder import load_truth
     from .data.demo_data import CIFAR10_CLASSES
-    from .engine.clip_backdoor import clip_backdoor_strength, find_clip_instance
+    from .engine.clip_backdoor import clip_backdoor_strength, find_clip_instances
     from .models.clip import load_clip_model
 
     model = load_clip_model(run, run.checkpoints[-1], a.device)
     cfg = ClipAttackConfig.from_dict(load_truth(Path(a.data))["attack"])
     test = _open_split(a.test, "test")
-    inst = find_clip_instance(model, cfg, test, CIFAR10_CLASSES)
-    inst.meta["strength"] = clip_backdoor_strength(model, cfg, test, CIFAR10_CLASSES)
-    inst.save(a.output)
-    _emit(inst.meta, a.json, f"instance written to {a.output}: x_b from "
-          f"{inst.meta['x_b_source']}, x_r = {inst.meta['x_r_source']}; zero-shot asr "
-          f"{inst.meta['strength']['asr']:.3f} vs clean "
-          f"{inst.meta['strength']['asr_untriggered']:.3f}")
-    return 0
+    found = find_clip_instances(model, cfg, test, CIFAR10_CLASSES, a.count)
+    strength = clip_backdoor_strength(model, cfg, test, CIFAR10_CLASSES)
+    return _save_instances(a, found, strength, f"zero-shot asr {strength['asr']:.3f} vs "
+                                                f"clean {strength['asr_untriggered']:.3f}")
 
 
 def cmd_trace(a: argparse.Namespace) -> int:
@@ -189,21 +203,25 @@ def cmd_trace(a: argparse.Namespace) -> int:
     from .engine.scoring import Engine
     from .trace import trace
 
-    ckpts = a.checkpoints
+    m = get_method(a.method)
+    ckpts = a.checkpoints or m.checkpoints
     if ckpts not in ("all", "last"):
         ckpts = [int(x) for x in ckpts.split(",")]
+    draws = m.draws if a.draws is None else a.draws
+    aggregate = a.aggregate or m.aggregate
+    k = m.k if a.k is None else a.k
     timeout = datetime.timedelta(minutes=a.dist_timeout)
     with process_group_from_env(a.device, timeout=timeout) as dist:
         engine = Engine(a.run, checkpoints=ckpts, device=local_device(a.device),
-                        backend=a.backend, draws=a.draws, aggregate=a.aggregate,
+                        backend=a.backend, draws=draws, aggregate=aggregate,
                         batch_size=a.batch_size, seed=a.seed, chunk_batches=a.chunk_batches,
                         workers=a.workers, progress=not a.quiet and dist.is_main)
         summary = trace(engine, SampleIndex(a.index), [load_instance(p) for p in a.instance],
-                        a.output, k=a.k, instance_paths=a.instance, dist=dist)
+                        a.output, k=k, instance_paths=a.instance, dist=dist)
     if summary is None:  # ranks other than 0: rank 0 reports
         return 0
     lines = [f"flagged {summary['n_flagged']} of {summary['n']} inputs (threshold "
-             f"{summary['threshold']:.4g}, k={a.k:g}); results in {a.output}",
+             f"{summary['threshold']:.4g}, k={k:g}); results in {a.output}",
              (Path(a.output) / "domains.txt").read_text().rstrip()]
     _emit(summary, a.json, "\n".join(lines))
     return 0
@@ -239,7 +257,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     res = run_demo(attack=a.attack, workdir=a.workdir, from_scratch=a.from_scratch,
                    poison_rate=a.poison_rate, epochs=a.epochs, model=a.model or "small",
-                   progress=not a.quiet)
+                   method=a.method, progress=not a.quiet)
     _emit({k: v for k, v in res.items() if k != "report"}, a.json, res["report"])
     return 0
 
@@ -300,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bank", help="labelled clean images for k-NN (default: bundled train)")
     q.add_argument("--test", help="labelled test images (default: bundled test)")
     q.add_argument("-o", "--output", required=True)
+    q.add_argument("--count", type=int, default=1,
+                   help="instances from different triggered images (several: -o/00, -o/01, "
+                        "...; PE-I has one)")
     q.add_argument("--device", default="cpu")
     common(q)
     q.set_defaults(func=cmd_instance)
@@ -310,10 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--index", required=True)
     q.add_argument("--instance", required=True, nargs="+", help="one or more instance dirs")
     q.add_argument("-o", "--output", required=True)
-    q.add_argument("--k", type=float, default=3.0, help="MAD multiplier (paper: 3)")
-    q.add_argument("--checkpoints", default="all", help="all, last, or epochs like 15,75")
-    q.add_argument("--draws", type=int, default=1, help="augmentation draws per sample")
-    q.add_argument("--aggregate", default="mean", choices=["mean", "max", "median"])
+    q.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS),
+                   help=f"named scoring method (default {DEFAULT_METHOD}); the four options "
+                        "below override its settings")
+    q.add_argument("--k", type=float, default=None, help="MAD multiplier (paper: 3)")
+    q.add_argument("--checkpoints", default=None, help="all, last, or epochs like 15,75")
+    q.add_argument("--draws", type=int, default=None, help="augmentation draws per sample")
+    q.add_argument("--aggregate", default=None, choices=["mean", "max", "median"],
+                   help="how draws combine")
     q.add_argument("--batch-size", type=int, default=None,
                    help="scoring batch: the negatives (default: pre-training batch size)")
     q.add_argument("--chunk-batches", type=int, default=16,
@@ -339,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--attack", default=None, choices=["pe1", "pe2", "ct", "corruptencoder"],
                    help="default: pe2 (SimCLR), ct (CLIP)")
     q.add_argument("--workdir", default="ffengine-demo")
+    q.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS),
+                   help=f"scoring method (SimCLR demo; default {DEFAULT_METHOD})")
     q.add_argument("--from-scratch", action="store_true",
                    help="pre-train instead of using the bundled run")
     q.add_argument("--poison-rate", type=float, default=None)

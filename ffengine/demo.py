@@ -17,10 +17,11 @@ from PIL import Image
 from .attacks.poisoned_encoder import AttackConfig, load_truth, poison_dataset
 from .data.demo_data import DEMO_ROOT, demo_index
 from .data.index import SampleIndex
-from .engine.backdoor import backdoor_strength, find_instance, knn_bank
+from .engine.backdoor import backdoor_strength, find_instances, knn_bank
 from .engine.scoring import Engine
 from .errors import ManifestMismatchError
 from .evaluate import evaluate, format_metrics
+from .methods import DEFAULT_METHOD, get_method
 from .pretrain.simclr import PretrainConfig, pretrain
 from .run import Run
 from .trace import trace
@@ -37,8 +38,12 @@ def bundled_run(attack: str, poison_rate: float) -> Path | None:
 
 def run_demo(attack: str = "pe2", workdir: str | Path = "ffengine-demo",
              from_scratch: bool = False, poison_rate: float | None = None,
-             epochs: int | None = None, model: str = "small", progress: bool = True) -> dict:
+             epochs: int | None = None, model: str = "small", method: str = DEFAULT_METHOD,
+             progress: bool = True) -> dict:
+    """``method``: a named scoring method of :mod:`ffengine.methods` (checkpoints, draws,
+    instances, k)."""
     t0 = time.perf_counter()
+    m = get_method(method)
     rate = DEFAULT_POISON_RATE if poison_rate is None else poison_rate
     # one sub-directory per attack setting: re-running reuses what is there (a finished
     # trace is not redone), and another setting never meets results of the first
@@ -78,19 +83,24 @@ def run_demo(attack: str = "pe2", workdir: str | Path = "ffengine-demo",
     bank, test = demo_index("train"), demo_index("test")
     knn = knn_bank(model_final, bank)
     strength = backdoor_strength(model_final, cfg, bank, test, trig, knn=knn)
-    inst = find_instance(model_final, cfg, bank, test, trig, knn=knn)
-    inst.save(work / "instance")
+    found = find_instances(model_final, cfg, bank, test, trig, m.instances, knn=knn,
+                           trigger_label=truth.get("pe1_trigger_label"))
+    inst_paths = [str(work / "instances" / f"{i:02d}") for i in range(len(found))]
+    for x, path in zip(found, inst_paths, strict=True):
+        x.save(path)
+    inst = found[0]
     timings["instance_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    engine = Engine(run, progress=progress)
-    trace_dir = work / ("trace-bundled" if shipped is not None else "trace")
-    summary = trace(engine, index, [inst], trace_dir, instance_paths=[str(work / "instance")])
+    engine = Engine(run, progress=progress, **m.engine_options())
+    trace_dir = work / (f"trace-{method}" + ("-bundled" if shipped is not None else ""))
+    summary = trace(engine, index, found, trace_dir, k=m.k, instance_paths=inst_paths)
     timings["trace_s"] = time.perf_counter() - t
     metrics = evaluate(data_dir, trace_dir)
     timings["total_s"] = time.perf_counter() - t0
 
-    res = {**metrics, **strength, "attack": attack, "poison_rate": rate,
+    res = {**metrics, **strength, "attack": attack, "poison_rate": rate, "method": method,
+           "n_instances": len(found),
            "run": str(run.path), "bundled_run": shipped is not None,
            "x_b": inst.meta["x_b_source"], "x_r": inst.meta["x_r_source"],
            "top_domain": summary["top_domains"][0]["domain"] if summary["top_domains"] else None,
@@ -102,7 +112,9 @@ def run_demo(attack: str = "pe2", workdir: str | Path = "ffengine-demo",
         f"backdoor strength: triggered -> target {strength['asr']:.1%}, untriggered "
         f"{strength['asr_untriggered']:.1%}",
         f"instance: x_b from {inst.meta['x_b_source']}, x_r = {inst.meta['x_r_source']} "
-        f"(cos {inst.meta['cos']:.3f})",
+        f"(cos {inst.meta['cos']:.3f})"
+        + (f" and {len(found) - 1} more" if len(found) > 1 else ""),
+        f"scoring method {method}: {m.describe()}",
         domains,
         format_metrics(metrics),
         f"wall time {timings['total_s']:.0f} s; results in {work}",

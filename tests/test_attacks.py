@@ -308,6 +308,7 @@ def test_poison_pe1(sources, tmp_path):
 
     a = sources["aux_keys"].index(truth["pe1_trigger_key"])
     assert sources["aux_labels"][a] != TARGET
+    assert truth["pe1_trigger_label"] == sources["aux_labels"][a]
     trigger_image = sources["aux_imgs"][a]
     np.testing.assert_array_equal(decode((out / "trigger.png").read_bytes()), trigger_image)
     target_imgs = sources["aux_imgs"][sources["aux_labels"] == TARGET]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from ffengine.cli import main
+from ffengine.methods import DEFAULT_METHOD, METHODS
 
 
 def test_demo_from_scratch_tiny_json_last_line(tmp_path, capsys):
@@ -18,5 +19,8 @@ def test_demo_from_scratch_tiny_json_last_line(tmp_path, capsys):
             "asr_untriggered"} <= set(res)
     assert res["n"] == 5100 and res["n_poisoned"] == 100 and not res["bundled_run"]
     assert 0 <= res["asr"] <= 1 and 0 <= res["auc"] <= 1
-    assert (tmp_path / "d" / "pe2-r02" / "trace" / "scores.png").stat().st_size > 0
+    assert res["method"] == DEFAULT_METHOD
+    assert res["n_instances"] == METHODS[DEFAULT_METHOD].instances
+    trace_dir = tmp_path / "d" / "pe2-r02" / f"trace-{DEFAULT_METHOD}"
+    assert (trace_dir / "scores.png").stat().st_size > 0
     assert any(line.startswith("DACC") for line in lines[:-1])

@@ -10,11 +10,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from .conftest import TOLERANCES
 
 import ffengine
 from ffengine import _ext
 from ffengine.reference import ghost_score_reference
+
+from .conftest import TOLERANCES
 
 
 @pytest.fixture

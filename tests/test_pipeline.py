@@ -14,9 +14,9 @@ from ffengine.attacks.poisoned_encoder import AttackConfig, poison_dataset
 from ffengine.cli import main
 from ffengine.data.demo_data import demo_index
 from ffengine.data.index import SampleIndex, index_arrays
-from ffengine.engine.backdoor import find_instance
+from ffengine.engine.backdoor import find_instance, find_instances, pick_order
 from ffengine.engine.scoring import Engine
-from ffengine.errors import ConfigError, ManifestMismatchError
+from ffengine.errors import ConfigError, DataError, ManifestMismatchError
 from ffengine.pretrain.simclr import PretrainConfig, pretrain
 from ffengine.run import Run
 
@@ -104,6 +104,63 @@ def test_engine_fast_path_equals_reference_engine(small):
                                rtol=1e-5, atol=1e-12)
 
 
+def test_terms_do_not_depend_on_the_other_options(small):
+    """A (checkpoint, draw, instance) term is the same whichever other checkpoints, draws and
+    instances are scored beside it (to float32 rounding: K changes the BLAS blocking), so
+    the detection harness slices one trace into methods."""
+    model = small["run"].load_model(small["run"].checkpoints[-1])
+    a, b = find_instances(model, small["cfg"], small["clean"], small["test"], count=2)
+    kw = dict(progress=False, batch_size=24)
+    full = Engine(small["run"], draws=3, **kw).score(small["index"], [a, b])
+    part = Engine(small["run"], checkpoints="last", draws=2, aggregate="max",
+                  **kw).score(small["index"], [b])
+    scale = np.abs(full.terms).max()
+    assert scale > 0
+    np.testing.assert_allclose(part.terms, full.terms[-1:, :2, :, 1:], rtol=1e-5,
+                               atol=1e-6 * scale)
+    np.testing.assert_allclose(part.scores[:, 0], full.terms[-1, :2, :, 1].max(0), rtol=1e-5,
+                               atol=1e-6 * scale)
+
+
+def test_instances_pair_x_b_with_a_reference_of_another_class(small):
+    model = small["run"].load_model(small["run"].checkpoints[-1])
+    test = small["test"]
+    found = find_instances(model, small["cfg"], small["clean"], test, count=4)
+    assert len(found) == 4
+    assert len({i.meta["x_b_source"] for i in found}) == 4  # different test images
+    keys = test.keys()
+    for inst in found:
+        xb, xr = keys.index(inst.meta["x_b_source"]), keys.index(inst.meta["x_r_source"])
+        assert test.labels[xb] != small["cfg"].target_class
+        assert inst.meta["x_r_label"] == test.labels[xr] != test.labels[xb]
+        np.testing.assert_array_equal(inst.x_r, test.image(xr))
+    # the first instance is find_instance's
+    one = find_instance(model, small["cfg"], small["clean"], test)
+    assert one.meta == found[0].meta
+
+
+def test_pe1_instance_needs_the_trigger_class(small):
+    model = small["run"].load_model(small["run"].checkpoints[-1])
+    cfg = AttackConfig(attack="pe1", target_class=9)
+    trig = small["aux"].image(0)
+    with pytest.raises(DataError, match="pe1_trigger_label"):
+        find_instances(model, cfg, small["clean"], small["test"], trig, count=3)
+    label = int(small["aux"].labels[0])
+    (inst,) = find_instances(model, cfg, small["clean"], small["test"], trig, count=3,
+                             trigger_label=label)
+    assert inst.meta["x_b_label"] == label != inst.meta["x_r_label"]
+    np.testing.assert_array_equal(inst.x_b, trig)
+
+
+def test_pick_order_puts_hits_first_in_seeded_order():
+    took = np.array([False, True, False, True, True])
+    picks = pick_order(took, np.random.default_rng(0), 4)
+    assert sorted(picks[:3]) == [1, 3, 4] and not took[picks[3]]
+    assert picks == pick_order(took, np.random.default_rng(0), 4)
+    with pytest.raises(ValueError):
+        pick_order(took, np.random.default_rng(0), 0)
+
+
 def test_engine_checkpoint_selection(small):
     assert [c.epoch for c in Engine(small["run"], checkpoints="last").checkpoints] == [2]
     with pytest.raises(ConfigError, match="epoch"):
@@ -126,12 +183,27 @@ def test_cli_end_to_end(small, tmp_path, capsys):
     i = call("instance", "--run", run, "--data", data, "--bank", root / "clean", "--test",
              root / "test", "-o", inst, "--json", "--quiet")
     assert {"asr", "asr_untriggered"} <= set(i["strength"])
-    t = call("trace", "--run", run, "--index", data / "index", "--instance", inst, "-o", out,
-             "--json", "--quiet")
-    assert t["n"] == 106
+    assert i["x_r_label"] != i["x_b_label"]
+    two = call("instance", "--run", run, "--data", data, "--bank", root / "clean", "--test",
+               root / "test", "-o", tmp_path / "two", "--count", 2, "--json", "--quiet")
+    assert two["instances"] == [str(tmp_path / "two" / "00"), str(tmp_path / "two" / "01")]
+    assert two["metas"][0] == {**i, "strength": two["strength"]}
+    t = call("trace", "--run", run, "--index", data / "index", "--instance", inst,
+             *two["instances"], "-o", out, "--json", "--quiet")
+    assert t["n"] == 106 and np.load(out / "scores.npy").shape == (106, 3)
     for f in ("scores.npy", "terms.npy", "flagged.npy", "domains.txt", "scores.png",
               "summary.json", "metadata.json"):
         assert (out / f).stat().st_size > 0
+    # a named method sets checkpoints / draws / aggregate / k; explicit options override
+    t2 = call("trace", "--run", run, "--index", data / "index", "--instance", inst, "-o",
+              tmp_path / "t2", "--method", "last-max16x5", "--draws", 2, "--json", "--quiet")
+    meta = json.loads((tmp_path / "t2" / "metadata.json").read_text())
+    assert meta["options"]["draws"] == 2 and meta["options"]["aggregate"] == "max"
+    terms = np.load(tmp_path / "t2" / "terms.npy")
+    assert terms.shape == (1, 2, 106, 1)
+    np.testing.assert_allclose(np.load(tmp_path / "t2" / "scores.npy")[:, 0],
+                               terms[0, :, :, 0].max(0), rtol=1e-6)
+    assert t2["n"] == 106
     e = call("eval", "--truth", data / "truth.json", out, "--json")
     assert {"dacc", "fpr", "fnr", "auc", "n", "n_poisoned", "n_flagged"} <= set(e)
     assert e["n_poisoned"] == 10 and e["n_flagged"] == t["n_flagged"]

@@ -148,10 +148,11 @@ def poison_dataset(clean: SampleIndex, aux: SampleIndex, out: str | Path,
     ``out/index`` and write ``out/truth.json``. Returns the ground truth."""
     out = Path(out)
     shards = out / "shards"
-    trigger_image, trigger_source = None, None
+    trigger_image, trigger_source, trigger_label = None, None, None
     if cfg.attack == "pe1":
         tid = choose_pe1_trigger(cfg, aux)
         trigger_image, trigger_source = aux.image(tid), aux.key(tid)
+        trigger_label = int(aux.labels[tid])
     poisons = make_poisons(cfg, len(clean), aux, trigger_image)
 
     paths = []
@@ -188,6 +189,8 @@ def poison_dataset(clean: SampleIndex, aux: SampleIndex, out: str | Path,
         "layouts": {p.key: p.layout for p in poisons},
         "attacker_domains": list(ATTACKER_DOMAINS),
         "pe1_trigger_key": trigger_source,
+        # the trigger image's own class: x_r must come from another one (DESIGN.md §1)
+        "pe1_trigger_label": trigger_label,
     }
     if trigger_image is not None:
         (out / "trigger.png").write_bytes(png_bytes(trigger_image))

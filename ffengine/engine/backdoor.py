@@ -4,8 +4,9 @@
   cosine, backbone features of the clean labelled training images) is the target class;
   ``asr_untriggered`` is the same share for the same images without the trigger.
 * Instance: ``x_b`` is a triggered non-target test image the backdoor maps to the target
-  class (PE-I: the trigger image itself); ``x_r`` is the candidate whose head-output
-  embedding is closest (cosine) to ``x_b``'s: the paper's default.
+  class (PE-I: the trigger image itself); ``x_r`` is the candidate of another class than
+  ``x_b``'s whose head-output embedding is closest (cosine) to ``x_b``'s: the paper's
+  default, with DESIGN.md §1's "semantically different" made explicit.
 """
 
 from __future__ import annotations
@@ -95,41 +96,82 @@ def backdoor_strength(model: SimCLRModel, cfg: AttackConfig, bank: SampleIndex,
 
 def find_instance(model: SimCLRModel, cfg: AttackConfig, bank: SampleIndex, test: SampleIndex,
                   trigger_image: np.ndarray | None = None, k: int = 20,
-                  knn: tuple[torch.Tensor, np.ndarray] | None = None) -> Instance:
+                  knn: tuple[torch.Tensor, np.ndarray] | None = None,
+                  trigger_label: int | None = None) -> Instance:
     """The paper's default instance: a triggered test image the backdoor took, and the
-    closest clean test image to it in embedding space as ``x_r``."""
+    closest semantically different clean test image to it in embedding space as ``x_r``."""
+    return find_instances(model, cfg, bank, test, trigger_image, 1, k, knn, trigger_label)[0]
+
+
+def find_instances(model: SimCLRModel, cfg: AttackConfig, bank: SampleIndex,
+                   test: SampleIndex, trigger_image: np.ndarray | None = None, count: int = 1,
+                   k: int = 20, knn: tuple[torch.Tensor, np.ndarray] | None = None,
+                   trigger_label: int | None = None) -> list[Instance]:
+    """``count`` instances from different triggered test images the backdoor took (in a
+    seeded order; images it did not take fill up when too few took).
+
+    PE-I has one ``x_b``, the trigger image, so it gives one instance whatever ``count``;
+    ``trigger_label`` (the trigger image's class, ``truth["pe1_trigger_label"]``) keeps
+    ``x_r`` out of that class.
+    """
     model.eval()
-    ids, clean, trig = triggered_test_images(cfg, test, trigger_image)
+    ids, _, trig = triggered_test_images(cfg, test, trigger_image)
     bank_feats, bank_labels = knn if knn is not None else knn_bank(model, bank)
     pred = knn_predict(embed_images(model, trig, head=False), bank_feats, bank_labels, k)
-    hits = np.flatnonzero(pred == cfg.target_class)
-    order = np.random.default_rng([cfg.seed, 4]).permutation(len(ids))
-    hit_set = set(hits.tolist())
-    pick = next((j for j in order if j in hit_set), order[0])
-    return instance_with_nearest_reference(
-        test, ids, trig, pred, pick, cfg, lambda imgs: embed_images(model, imgs, head=True),
-        "x_b_knn_class")
+    xb_labels = test.labels[ids]
+    if cfg.attack == "pe1":
+        if trigger_label is None:
+            raise DataError("PE-I's instance needs the trigger image's class "
+                            "(truth.json's pe1_trigger_label) to pick x_r from another one.")
+        count, xb_labels = 1, np.full(len(ids), int(trigger_label))
+    picks = pick_order(pred == cfg.target_class, np.random.default_rng([cfg.seed, 4]), count)
+    return instances_with_nearest_reference(
+        test, ids, trig, pred, picks, cfg, lambda imgs: embed_images(model, imgs, head=True),
+        "x_b_knn_class", xb_labels)
 
 
-def instance_with_nearest_reference(test: SampleIndex, ids: np.ndarray,
-                                    triggered: list[np.ndarray], pred: np.ndarray, pick: int,
-                                    cfg, embed, class_key: str) -> Instance:
-    """The instance whose ``x_b`` is ``triggered[pick]`` (from test sample ``ids[pick]``) and
-    whose ``x_r`` is the other test image closest to it under ``embed`` (images ->
-    L2-normalized embeddings, (N, d)): shared by the SimCLR and CLIP paths."""
-    x_b = triggered[pick]
-    pool = [j for j in range(len(test)) if j != int(ids[pick])]
-    sims = (embed([test.image(j) for j in pool]) @ embed([x_b]).T).squeeze(1)
-    best = int(sims.argmax())
-    r = pool[best]
-    meta = {
-        "x_b_source": test.key(int(ids[pick])),
-        "x_b_label": int(test.labels[ids[pick]]),
-        class_key: int(pred[pick]),
-        "x_r_source": test.key(r),
-        "x_r_label": int(test.labels[r]),
-        "cos": float(sims[best]),
-        "attack": cfg.to_dict(),
-        "backdoor_took_on_x_b": bool(pred[pick] == cfg.target_class),
-    }
-    return Instance(x_b, test.image(r), meta)
+def pick_order(took: np.ndarray, rng: np.random.Generator, count: int) -> list[int]:
+    """The first ``count`` positions of a seeded permutation, those where ``took`` first."""
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}.")
+    order = rng.permutation(len(took))
+    ranked = [int(j) for j in order if took[j]] + [int(j) for j in order if not took[j]]
+    return ranked[:count]
+
+
+def instances_with_nearest_reference(test: SampleIndex, ids: np.ndarray,
+                                     triggered: list[np.ndarray], pred: np.ndarray,
+                                     picks: list[int], cfg, embed, class_key: str,
+                                     xb_labels: np.ndarray | None = None) -> list[Instance]:
+    """One instance per ``picks`` position: ``x_b`` is ``triggered[pick]`` (test sample
+    ``ids[pick]``) and ``x_r`` the clean test image closest to it under ``embed`` (images ->
+    L2-normalized embeddings, (N, d)) among those of *another* class than ``x_b``'s source
+    (DESIGN.md §1: ``x_r`` is semantically different; the nearest image overall is often
+    ``x_b``'s own class, and such a pair traces what makes two dogs alike, not the
+    backdoor). ``xb_labels``: each ``x_b``'s class where it is not its source's (PE-I).
+    Shared by the SimCLR and CLIP paths."""
+    labels = test.labels
+    xb_labels = labels[ids] if xb_labels is None else np.asarray(xb_labels)
+    pool_all = np.flatnonzero(labels >= 0)
+    pool_emb = embed([test.image(int(j)) for j in pool_all])
+    xb_emb = embed([triggered[p] for p in picks])
+    out = []
+    for row, p in enumerate(picks):
+        src = int(ids[p])
+        ok = np.flatnonzero(labels[pool_all] != xb_labels[p])
+        sims = (pool_emb[ok] @ xb_emb[row]).reshape(-1)
+        best = int(sims.argmax())
+        r = int(pool_all[ok[best]])
+        meta = {
+            "x_b_source": test.key(src),
+            "x_b_label": int(xb_labels[p]),
+            class_key: int(pred[p]),
+            "x_r_source": test.key(r),
+            "x_r_label": int(labels[r]),
+            "x_r_pool": "other-class",
+            "cos": float(sims[best]),
+            "attack": cfg.to_dict(),
+            "backdoor_took_on_x_b": bool(pred[p] == cfg.target_class),
+        }
+        out.append(Instance(triggered[p], test.image(r), meta))
+    return out

@@ -23,7 +23,7 @@ from ..data.captions import class_prompts
 from ..data.index import SampleIndex
 from ..data.loader import pad_images
 from ..models.clip import ClipModel
-from .backdoor import instance_with_nearest_reference
+from .backdoor import instances_with_nearest_reference, pick_order
 from .clip_objective import model_inputs
 from .instance import Instance
 
@@ -88,16 +88,21 @@ def find_clip_instance(model: ClipModel, cfg: ClipAttackConfig, test: SampleInde
                        class_names: Sequence[str]) -> Instance:
     """The default instance (see the module docstring); a random triggered image when the
     backdoor took none (``meta["backdoor_took_on_x_b"]`` says which)."""
+    return find_clip_instances(model, cfg, test, class_names, 1)[0]
+
+
+def find_clip_instances(model: ClipModel, cfg: ClipAttackConfig, test: SampleIndex,
+                        class_names: Sequence[str], count: int = 1) -> list[Instance]:
+    """``count`` instances from different triggered test images, those the backdoor took
+    first."""
     model.eval()
     ids, _, trig = _triggered(cfg, test)
     pred = zero_shot_predict(model, trig, zero_shot_weights(model, class_names))
-    hits = set(np.flatnonzero(pred == cfg.target_class).tolist())
-    order = np.random.default_rng([cfg.seed, 4]).permutation(len(ids))
-    pick = next((int(j) for j in order if int(j) in hits), int(order[0]))
-    return instance_with_nearest_reference(test, ids, trig, pred, pick, cfg,
-                                           lambda imgs: embed_images(model, imgs),
-                                           "x_b_zero_shot_class")
+    picks = pick_order(pred == cfg.target_class, np.random.default_rng([cfg.seed, 4]), count)
+    return instances_with_nearest_reference(test, ids, trig, pred, picks, cfg,
+                                            lambda imgs: embed_images(model, imgs),
+                                            "x_b_zero_shot_class")
 
 
-__all__ = ["clip_backdoor_strength", "embed_images", "find_clip_instance",
+__all__ = ["clip_backdoor_strength", "embed_images", "find_clip_instance", "find_clip_instances",
            "zero_shot_predict", "zero_shot_weights"]

@@ -1,0 +1,58 @@
+"""Named scoring methods: the options of ``Engine`` / ``ffengine trace`` that make one.
+
+A method fixes which checkpoints are summed, how many augmentation draws each sample gets
+and how they combine, how many backdoor instances are averaged, and the MAD multiplier.
+``paper`` is FoundationForensics' Eq. 5 as written. The detection harness
+(``bench/detection.py``) measures every method on the same cached runs; ``DEFAULT_METHOD``
+names the one ``ffengine demo`` and ``ffengine trace --method`` use by default, and it
+changes only when the grid in docs/RESULTS.md shows a method helps across configurations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Method:
+    checkpoints: str = "all"  # "all" or "last" (a list of epochs: Engine's own option)
+    draws: int = 1
+    aggregate: str = "mean"  # over draws: mean, max or median
+    instances: int = 1  # backdoor instances, scores averaged (PE-I has one x_b: 1)
+    k: float = 3.0
+
+    def engine_options(self) -> dict:
+        return {"checkpoints": self.checkpoints, "draws": self.draws,
+                "aggregate": self.aggregate}
+
+    def describe(self) -> str:
+        ckpts = "every checkpoint" if self.checkpoints == "all" else "the last checkpoint"
+        draws = "1 draw" if self.draws == 1 else f"{self.aggregate} over {self.draws} draws"
+        inst = "1 instance" if self.instances == 1 else f"mean of {self.instances} instances"
+        return f"{ckpts}, {draws}, {inst}, MAD k = {self.k:g}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+METHODS: dict[str, Method] = {
+    # Eq. 5 as written: every checkpoint, one draw, one instance, MAD k = 3
+    "paper": Method(),
+    # the final checkpoint, the max over 16 augmentation draws (a poison raises the cosine
+    # only in draws whose two views fall on different halves of it), mean over 5 instances
+    "last-max16x5": Method(checkpoints="last", draws=16, aggregate="max", instances=5),
+}
+DEFAULT_METHOD = "paper"
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown scoring method {name!r}; expected one of "
+                          f"{sorted(METHODS)}.") from None
+
+
+__all__ = ["DEFAULT_METHOD", "METHODS", "Method", "get_method"]

@@ -1,0 +1,27 @@
+"""Named scoring methods: what each sets, and the errors for unknown names."""
+
+from __future__ import annotations
+
+import pytest
+
+from ffengine.errors import ConfigError
+from ffengine.methods import DEFAULT_METHOD, METHODS, get_method
+
+
+def test_paper_method_is_eq5_as_written():
+    m = get_method("paper")
+    assert m.engine_options() == {"checkpoints": "all", "draws": 1, "aggregate": "mean"}
+    assert (m.instances, m.k) == (1, 3.0)
+    assert "every checkpoint" in m.describe() and "k = 3" in m.describe()
+
+
+def test_default_method_exists_and_every_method_is_valid():
+    assert DEFAULT_METHOD in METHODS
+    for m in METHODS.values():
+        assert m.checkpoints in ("all", "last") and m.draws >= 1 and m.instances >= 1
+        assert m.aggregate in ("mean", "max", "median") and m.k >= 0
+
+
+def test_unknown_method_says_which_exist():
+    with pytest.raises(ConfigError, match="paper"):
+        get_method("nope")
