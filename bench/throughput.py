@@ -1,0 +1,282 @@
+"""Scoring throughput against plain inference, the autograd reference and vmap, in one run.
+
+    python bench/throughput.py --json                  # both models, every backend here
+    python bench/throughput.py --models small --n 5000,50000 --json
+
+Every figure counts *backbone images per second* (samples × views × draws: every view
+passes the backbone once), so the engine, plain inference and the references are directly
+comparable. Each measurement runs in its own process, so ``*_peak_mib`` is that
+measurement's own peak resident memory (VmHWM). The run is a freshly initialized model
+saved in the run format (weights do not change the cost), the data ``n`` random 32×32
+images in a sample index, the instances random images. Prints a human table on stderr and
+one JSON object on stdout (``--json``).
+
+* ``inference_sps``: the backbone alone on batches of 512 views under inference_mode.
+* ``engine_sps``: ``Engine(run).score(index, instances)`` per backend (decode, augment,
+  backbone, ghost score), K = 1 and K = 8 instances.
+* ``reference_sps``: the same Engine with ``reference=True`` (per-sample autograd on the
+  head, materialized gradients), on ``--n-slow`` samples.
+* ``vmap_sps``: per-sample head gradients materialized with ``torch.func.vmap(grad(...))``
+  and dotted with the cosine gradient, on ``--n-slow`` samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _peak_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_setup(root: Path, model: str, n: int, seed: int = 0) -> None:
+    """A one-checkpoint run of ``model`` (fresh init) and an index of ``n`` random images."""
+    import torch
+
+    from ffengine.data.augment import AugmentConfig
+    from ffengine.data.index import index_arrays
+    from ffengine.engine.instance import Instance
+    from ffengine.models.resnet import MODEL_PRESETS, build_model
+    from ffengine.run import new_manifest, save_checkpoint
+
+    rng = np.random.default_rng(seed)
+    # random pixels compress badly; a smooth random field decodes like a photo
+    base = rng.integers(0, 256, size=(64, 32, 32, 3), dtype=np.uint8)
+    images = (base[rng.integers(0, 64, n)] // 2 + rng.integers(0, 128, (n, 1, 1, 3))).astype(
+        np.uint8)
+    index = index_arrays(images, root / "index", labels=np.zeros(n, int))
+    torch.manual_seed(seed)
+    cfg = MODEL_PRESETS[model]
+    net = build_model(cfg)
+    run_dir = root / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = new_manifest(cfg, AugmentConfig(), str(index.path), index.hash, 0.5,
+                            {"batch_size": 256}, "bench/throughput.py")
+    save_checkpoint(run_dir, manifest, net, None, 1, 1, 1e-3)
+    for k in range(8):
+        Instance(base[k], base[k + 8], {}).save(root / "instances" / f"{k:02d}")
+
+
+def measure(root: Path, what: str, backend: str, K: int, n_slow: int) -> dict:
+    """One measurement in this process: images/s and peak MiB."""
+    import torch
+
+    from ffengine.data.index import SampleIndex
+    from ffengine.engine.instance import load_instance
+    from ffengine.engine.scoring import Engine
+    from ffengine.run import Run
+
+    run = Run(root / "run")
+    index = SampleIndex(root / "index")
+    insts = [load_instance(root / "instances" / f"{k:02d}") for k in range(K)]
+    if what == "inference":
+        # the memory format the engine uses on this device (contiguous on CPU)
+        model = run.load_model(run.checkpoints[-1])
+        x = torch.rand(512, 3, 32, 32)
+        n_views = 2 * len(index)
+        with torch.inference_mode():
+            model.features(x)  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(max(1, n_views // 512)):
+                model.features(x)
+            dt = time.perf_counter() - t0
+        images = 512 * max(1, n_views // 512)
+    elif what in ("engine", "reference"):
+        sub = index if what == "engine" else _head(index, n_slow, root)
+        eng = Engine(run, checkpoints="last", backend=backend, progress=False,
+                     reference=what == "reference")
+        t0 = time.perf_counter()
+        eng.score(sub, insts, check_index=False)  # ``sub`` may be a prefix of the run's data
+        dt = time.perf_counter() - t0
+        images = 2 * len(sub)
+    elif what == "vmap":
+        dt, images = _vmap_scores(run, _head(index, n_slow, root), insts)
+    else:
+        raise ValueError(what)
+    return {"images_per_s": images / dt, "seconds": dt, "images": images,
+            "peak_mib": _peak_mib()}
+
+
+def _head(index, n: int, root: Path):
+    """The first ``n`` samples of ``index`` as their own index."""
+    from ffengine.data.index import PackedSample, SampleIndex, write_pack
+
+    out = root / f"index-first-{n}"
+    if not (out / "metadata.json").exists():
+        write_pack((PackedSample(index.key(i), index.image_bytes(i), 0, "x")
+                    for i in range(min(n, len(index)))), out)
+    return SampleIndex(out)
+
+
+def _vmap_scores(run, index, insts) -> tuple[float, int]:
+    """Materialized per-sample head gradients with torch.func, dotted with G: the baseline
+    the ghost path replaces. Same views and batches as the engine's."""
+    import torch
+    from torch.func import functional_call, grad, vmap
+
+    from ffengine.data.loader import iter_chunks
+    from ffengine.engine.head import scored_parameters
+    from ffengine.engine.scoring import Engine
+
+    eng = Engine(run, checkpoints="last", progress=False)
+    state = eng.prepare(insts, index)  # a prefix of the run's data: no index check
+    model, grads = state.models[0], state.grads[0]
+    tau = run.manifest["objective"]["temperature"]
+    layers = run.manifest["scored_layers"]
+    params = dict(scored_parameters(model, layers))
+    G = torch.cat([grads[k].reshape(grads[k].shape[0], -1) for k in params], 1)
+    head_params = {k.removeprefix("head."): v.detach() for k, v in model.head.named_parameters()}
+    buffers = {k: v for k, v in model.head.named_buffers()}
+    scored = [k.removeprefix("head.") for k in params]
+
+    def loss_i(p, feats, onehot):
+        # nt_xent_sample_loss with masks instead of indexing, so vmap can batch it: the
+        # sample's two views live, every other view detached
+        z = functional_call(model.head, ({**head_params, **p}, buffers), (feats,))
+        m = torch.cat([onehot, onehot]).unsqueeze(1)
+        u = torch.nn.functional.normalize(m * z + (1 - m) * z.detach(), dim=1)
+        zero = torch.zeros_like(onehot)
+        total = 0.0
+        for sel_a, sel_p in ((torch.cat([onehot, zero]), torch.cat([zero, onehot])),
+                             (torch.cat([zero, onehot]), torch.cat([onehot, zero]))):
+            ua, up = sel_a @ u, sel_p @ u
+            logits = (u @ ua) / tau
+            logits = torch.where(sel_a.bool(), torch.full_like(logits, -torch.inf), logits)
+            total = total + torch.logsumexp(logits, 0) - (ua @ up) / tau
+        return total / 2
+
+    obj = eng.objective
+    images = 0
+    t0 = time.perf_counter()
+    for batch in iter_chunks(index, eng.chunks(len(index))):
+        imgs = batch.images
+        for sel in np.array_split(np.arange(len(batch)), max(1, round(len(batch) / 256))):
+            with torch.inference_mode():
+                feats = obj.view_features(model, imgs[sel], batch.sizes[sel], batch.ids[sel],
+                                          seed=0, epoch=1, draw=0)
+            feats = feats.clone()
+            p = {k: head_params[k] for k in scored}
+            onehots = torch.eye(len(sel), dtype=feats.dtype)
+            g = vmap(grad(loss_i), in_dims=(None, None, 0))(p, feats, onehots)
+            flat = torch.cat([g[k].reshape(len(sel), -1) for k in scored], 1)
+            scores = (flat @ G.T) / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            if images == 0:  # the baseline must compute the same scores as the engine
+                want = obj.score_batch(model, index, imgs[sel], batch.sizes[sel],
+                                       batch.ids[sel], grads, seed=0, epoch=1, draw=0,
+                                       backend="torch", reference=False)
+                torch.testing.assert_close(scores.to(want.dtype), want, rtol=1e-4,
+                                           atol=1e-5 * float(want.abs().max()))
+            images += 2 * len(sel)
+    return time.perf_counter() - t0, images
+
+
+def _child(args: list[str]) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True,
+                       text=True, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"measurement {args} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="small,resnet18")
+    p.add_argument("--n", default="5000", help="samples scored by the engine (comma list)")
+    p.add_argument("--n-resnet18", type=int, default=1024,
+                   help="samples for the full-width ResNet-18 (slow on CPU)")
+    p.add_argument("--n-slow", type=int, default=256, help="samples for reference and vmap")
+    p.add_argument("--backends", default=None, help="default: torch,cpu (+triton,cuda on GPU)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--child", nargs=5, metavar=("ROOT", "WHAT", "BACKEND", "K", "NSLOW"),
+                   help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        root, what, backend, k, n_slow = a.child
+        print(json.dumps(measure(Path(root), what, backend, int(k), int(n_slow))))
+        return 0
+
+    import torch
+
+    from ffengine import _ext
+
+    backends = a.backends.split(",") if a.backends else (
+        ["torch", "cpu"] if not torch.cuda.is_available() else ["torch", "triton", "cuda"])
+    if "cpu" in backends and not _ext.extension_available():
+        backends.remove("cpu")
+    out = {"machine": f"{_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                      f"{torch.get_num_threads()} threads",
+           "date": time.strftime("%Y-%m-%d"), "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in a.models.split(","):
+            sizes = [int(float(x)) for x in a.n.split(",")] if model != "resnet18" else [
+                a.n_resnet18]
+            res: dict = {"sizes": {}}
+            for n in sizes:
+                root = Path(tmp) / f"{model}-{n}"
+                build_setup(root, model, n)
+                row: dict = {"n": n}
+                r = _child([str(root), "inference", "torch", "1", str(a.n_slow)])
+                row["inference_sps"], row["inference_peak_mib"] = r["images_per_s"], r[
+                    "peak_mib"]
+                row["engine_sps"], row["engine_peak_mib"] = {}, {}
+                for b in backends:
+                    for K in (1, 8):
+                        r = _child([str(root), "engine", b, str(K), str(a.n_slow)])
+                        row["engine_sps"][f"{b}/K={K}"] = r["images_per_s"]
+                        row["engine_peak_mib"][f"{b}/K={K}"] = r["peak_mib"]
+                if n == sizes[0]:
+                    for what in ("reference", "vmap"):
+                        r = _child([str(root), what, "torch", "1", str(a.n_slow)])
+                        row[f"{what}_sps"], row[f"{what}_peak_mib"] = r["images_per_s"], r[
+                            "peak_mib"]
+                res["sizes"][str(n)] = row
+                _print_row(model, row)
+            out["models"][model] = res
+    if a.json:
+        print(json.dumps(out, sort_keys=True))
+    return 0
+
+
+def _print_row(model: str, row: dict) -> None:
+    inf = row["inference_sps"]
+    lines = [f"{model} n={row['n']}: inference {inf:.0f} img/s "
+             f"({row['inference_peak_mib']:.0f} MiB)"]
+    for key, v in row["engine_sps"].items():
+        lines.append(f"  engine {key:12s} {v:8.0f} img/s  {v / inf:5.2f}x inference  "
+                     f"{row['engine_peak_mib'][key]:.0f} MiB")
+    for what in ("reference", "vmap"):
+        if f"{what}_sps" in row:
+            v = row[f"{what}_sps"]
+            lines.append(f"  {what:9s}           {v:8.1f} img/s  engine(torch,K=1) is "
+                         f"{row['engine_sps'].get('torch/K=1', float('nan')) / v:.1f}x  "
+                         f"{row[f'{what}_peak_mib']:.0f} MiB")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
