@@ -311,7 +311,8 @@ def _f(x) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--grid", choices=sorted(GRIDS))
-    p.add_argument("--config", help="run the configurations whose name starts with this")
+    p.add_argument("--config", help="run the configuration of this name (else those whose "
+                   "name starts with it: they are listed first)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated, of {sorted(METHODS)}")
     p.add_argument("--cache", default=str(ROOT / "bench" / ".cache" / "detection"))
@@ -324,7 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.grid or a.config:
         configs = GRIDS[a.grid] if a.grid else [c for g in GRIDS.values() for c in g]
         if a.config:
-            configs = [c for c in configs if c.name.startswith(a.config)]
+            exact = [c for c in configs if c.name == a.config]
+            configs = exact or [c for c in configs if c.name.startswith(a.config)]
+            print("configurations: " + ", ".join(sorted({c.name for c in configs})),
+                  file=sys.stderr, flush=True)
         seen = set()
         for cfg in configs:
             if cfg.name in seen:

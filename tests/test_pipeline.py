@@ -14,7 +14,7 @@ from ffengine.attacks.poisoned_encoder import AttackConfig, poison_dataset
 from ffengine.cli import main
 from ffengine.data.demo_data import demo_index
 from ffengine.data.index import SampleIndex, index_arrays
-from ffengine.engine.backdoor import find_instance, find_instances, pick_order
+from ffengine.engine.backdoor import embed_images, find_instance, find_instances, pick_order
 from ffengine.engine.scoring import Engine
 from ffengine.errors import ConfigError, DataError, ManifestMismatchError
 from ffengine.pretrain.simclr import PretrainConfig, pretrain
@@ -129,13 +129,23 @@ def test_instances_pair_x_b_with_a_reference_of_another_class(small):
     assert len(found) == 4
     assert len({i.meta["x_b_source"] for i in found}) == 4  # different test images
     keys = test.keys()
+    emb = embed_images(model, [test.image(j) for j in range(len(test))], head=True)
     for inst in found:
         xb, xr = keys.index(inst.meta["x_b_source"]), keys.index(inst.meta["x_r_source"])
-        assert test.labels[xb] != small["cfg"].target_class
-        assert inst.meta["x_r_label"] == test.labels[xr] != test.labels[xb]
+        own, pred = test.labels[xb], inst.meta["x_b_knn_class"]
+        assert own != small["cfg"].target_class
+        assert inst.meta["x_r_label"] == test.labels[xr] != own
         np.testing.assert_array_equal(inst.x_r, test.image(xr))
+        # x_r: the nearest image of the class x_b is mapped to, else of any other class
+        to_pred = pred != own and (test.labels == pred).any()
+        pool = np.flatnonzero(test.labels == pred if to_pred else test.labels != own)
+        assert inst.meta["x_r_pool"] == ("predicted-class" if to_pred else "other-class")
+        sims = emb[pool] @ embed_images(model, [inst.x_b], head=True)[0]
+        assert xr == pool[int(sims.argmax())]
     # the first instance is find_instance's
     one = find_instance(model, small["cfg"], small["clean"], test)
+    # (cos to float32 rounding: x_b's embedding is taken in a batch of one vs four)
+    assert one.meta.pop("cos") == pytest.approx(found[0].meta.pop("cos"), rel=1e-5)
     assert one.meta == found[0].meta
 
 

@@ -4,9 +4,10 @@
   cosine, backbone features of the clean labelled training images) is the target class;
   ``asr_untriggered`` is the same share for the same images without the trigger.
 * Instance: ``x_b`` is a triggered non-target test image the backdoor maps to the target
-  class (PE-I: the trigger image itself); ``x_r`` is the candidate of another class than
-  ``x_b``'s whose head-output embedding is closest (cosine) to ``x_b``'s: the paper's
-  default, with DESIGN.md §1's "semantically different" made explicit.
+  class (PE-I: the trigger image itself); ``x_r`` is the candidate whose head-output
+  embedding is closest (cosine) to ``x_b``'s among the images of the class x_b is
+  classified as (another class than its own: see
+  :func:`instances_with_nearest_reference`).
 """
 
 from __future__ import annotations
@@ -145,11 +146,14 @@ def instances_with_nearest_reference(test: SampleIndex, ids: np.ndarray,
                                      xb_labels: np.ndarray | None = None) -> list[Instance]:
     """One instance per ``picks`` position: ``x_b`` is ``triggered[pick]`` (test sample
     ``ids[pick]``) and ``x_r`` the clean test image closest to it under ``embed`` (images ->
-    L2-normalized embeddings, (N, d)) among those of *another* class than ``x_b``'s source
-    (DESIGN.md §1: ``x_r`` is semantically different; the nearest image overall is often
-    ``x_b``'s own class, and such a pair traces what makes two dogs alike, not the
-    backdoor). ``xb_labels``: each ``x_b``'s class where it is not its source's (PE-I).
-    Shared by the SimCLR and CLIP paths."""
+    L2-normalized embeddings, (N, d)) among those of the class ``pred`` maps ``x_b`` to:
+    the event a user catches is "x_b lands among class-c inputs", and ``x_r`` is the
+    nearest of them. Where ``pred`` is ``x_b``'s own class (the backdoor did not take on
+    it) or the pool has no image of it, ``x_r`` comes from any *other* class (DESIGN.md
+    §1: semantically different; the nearest image overall is often ``x_b``'s own class,
+    and such a pair traces what makes two dogs alike, not the backdoor). ``xb_labels``:
+    each ``x_b``'s class where it is not its source's (PE-I). Shared by the SimCLR and CLIP
+    paths."""
     labels = test.labels
     xb_labels = labels[ids] if xb_labels is None else np.asarray(xb_labels)
     pool_all = np.flatnonzero(labels >= 0)
@@ -158,7 +162,10 @@ def instances_with_nearest_reference(test: SampleIndex, ids: np.ndarray,
     out = []
     for row, p in enumerate(picks):
         src = int(ids[p])
-        ok = np.flatnonzero(labels[pool_all] != xb_labels[p])
+        ok = np.flatnonzero(labels[pool_all] == pred[p])
+        to_pred = int(pred[p]) != int(xb_labels[p]) and len(ok) > 0
+        if not to_pred:
+            ok = np.flatnonzero(labels[pool_all] != xb_labels[p])
         sims = (pool_emb[ok] @ xb_emb[row]).reshape(-1)
         best = int(sims.argmax())
         r = int(pool_all[ok[best]])
@@ -168,7 +175,7 @@ def instances_with_nearest_reference(test: SampleIndex, ids: np.ndarray,
             class_key: int(pred[p]),
             "x_r_source": test.key(r),
             "x_r_label": int(labels[r]),
-            "x_r_pool": "other-class",
+            "x_r_pool": "predicted-class" if to_pred else "other-class",
             "cos": float(sims[best]),
             "attack": cfg.to_dict(),
             "backdoor_took_on_x_b": bool(pred[p] == cfg.target_class),
