@@ -21,6 +21,7 @@ from .data.demo_data import CIFAR10_CLASSES, demo_index
 from .data.index import SampleIndex
 from .engine.clip_backdoor import clip_backdoor_strength, find_clip_instance
 from .engine.scoring import Engine
+from .engine.store import instances_digest
 from .evaluate import evaluate
 from .models.clip import load_clip_model
 from .pretrain.clip import ClipPretrainConfig, pretrain_clip
@@ -72,13 +73,14 @@ def run_clip_demo(attack: str = "ct", workdir: str | Path = "ffengine-clip-demo"
 
     t = time.perf_counter()
     engine = Engine(run, checkpoints=checkpoints, device=device, seed=seed, progress=progress)
-    trace_dir = work / "trace"
+    trace_dir = work / f"trace-{checkpoints}-{instances_digest([inst])}"
     summary = trace(engine, index, [inst], trace_dir, k=k,
                     instance_paths=[str(work / "instance")])
     timings["score_s"] = time.perf_counter() - t
     metrics = evaluate(data_dir, trace_dir)
     timings["total_s"] = time.perf_counter() - t0
     result = {**metrics, **strength, "attack": attack, "poison_rate": rate,
+              "trace": str(trace_dir),
               "model": model, "epochs": epochs, "run": str(run.path),
               "checkpoints": summary["checkpoints"],
               "cos_per_checkpoint": [c[0] for c in summary["cos_per_checkpoint"]],

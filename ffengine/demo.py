@@ -19,6 +19,7 @@ from .data.demo_data import DEMO_ROOT, demo_index
 from .data.index import SampleIndex
 from .engine.backdoor import backdoor_strength, find_instances, knn_bank
 from .engine.scoring import Engine
+from .engine.store import instances_digest
 from .errors import ManifestMismatchError
 from .evaluate import evaluate, format_metrics
 from .methods import DEFAULT_METHOD, get_method
@@ -93,7 +94,10 @@ def run_demo(attack: str = "pe2", workdir: str | Path = "ffengine-demo",
 
     t = time.perf_counter()
     engine = Engine(run, progress=progress, **m.engine_options())
-    trace_dir = work / (f"trace-{method}" + ("-bundled" if shipped is not None else ""))
+    # one directory per run, method and instance set: a re-run resumes or reuses it, and
+    # other settings never meet its results
+    trace_dir = work / (f"trace-{method}-{instances_digest(found)}"
+                        + ("-bundled" if shipped is not None else ""))
     summary = trace(engine, index, found, trace_dir, k=m.k, instance_paths=inst_paths)
     timings["trace_s"] = time.perf_counter() - t
     metrics = evaluate(data_dir, trace_dir)
@@ -102,6 +106,7 @@ def run_demo(attack: str = "pe2", workdir: str | Path = "ffengine-demo",
     res = {**metrics, **strength, "attack": attack, "poison_rate": rate, "method": method,
            "n_instances": len(found),
            "run": str(run.path), "bundled_run": shipped is not None,
+           "trace": str(trace_dir),
            "x_b": inst.meta["x_b_source"], "x_r": inst.meta["x_r_source"],
            "top_domain": summary["top_domains"][0]["domain"] if summary["top_domains"] else None,
            **{k: round(v, 1) for k, v in timings.items()}}

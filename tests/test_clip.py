@@ -596,5 +596,10 @@ def test_clip_demo_runs_end_to_end_at_toy_scale(tmp_path):
     for key in ("dacc", "fpr", "fnr", "auc", "asr", "asr_untriggered", "zero_shot_acc"):
         assert 0 <= r[key] <= 1, key
     assert r["top_domain"] is not None and "DACC" in r["report"]
-    assert (tmp_path / "demo" / "trace" / "summary.json").exists()
+    assert Path(r["trace"]).parent == tmp_path / "demo"
+    assert (Path(r["trace"]) / "summary.json").exists()
     assert (tmp_path / "demo" / "instance" / "x_b.png").exists()
+    # a second call reuses the finished trace of the same instance
+    again = run_clip_demo("ct", tmp_path / "demo", epochs=1, model="ffclip-vit-test",
+                          n_train=120, n_test=40, batch_size=32, progress=False)
+    assert again["trace"] == r["trace"] and again["auc"] == r["auc"]

@@ -4,6 +4,7 @@ seconds; not a measurement: the real demo numbers are in README.md)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from ffengine.cli import main
 from ffengine.methods import DEFAULT_METHOD, METHODS
@@ -21,6 +22,8 @@ def test_demo_from_scratch_tiny_json_last_line(tmp_path, capsys):
     assert 0 <= res["asr"] <= 1 and 0 <= res["auc"] <= 1
     assert res["method"] == DEFAULT_METHOD
     assert res["n_instances"] == METHODS[DEFAULT_METHOD].instances
-    trace_dir = tmp_path / "d" / "pe2-r02" / f"trace-{DEFAULT_METHOD}"
+    trace_dir = Path(res["trace"])
+    assert trace_dir.parent == tmp_path / "d" / "pe2-r02"
+    assert trace_dir.name.startswith(f"trace-{DEFAULT_METHOD}-")
     assert (trace_dir / "scores.png").stat().st_size > 0
     assert any(line.startswith("DACC") for line in lines[:-1])

@@ -93,6 +93,16 @@ def instance_sha256(inst: Instance) -> str:
     return h.hexdigest()
 
 
+def instances_digest(instances: Sequence[Instance]) -> str:
+    """A short name for a set of instances (12 hex digits of their hashes): demos put one
+    trace per instance set in a directory of its own, so a changed instance never meets
+    the results of another."""
+    h = hashlib.sha256()
+    for inst in instances:
+        h.update(instance_sha256(inst).encode())
+    return h.hexdigest()[:12]
+
+
 def result_metadata(engine: Engine, index: SampleIndex, instances: Sequence[Instance],
                     k: float, world_size: int = 1,
                     instance_paths: Sequence[str] | None = None) -> dict:
