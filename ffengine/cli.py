@@ -245,6 +245,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
             raise ConfigError(f"the CLIP demo runs --attack ct or corruptencoder, not "
                               f"{a.attack!r}.")
         kw = {} if a.epochs is None else {"epochs": a.epochs}
+        if a.method is not None:
+            kw["method"] = a.method
         res = run_clip_demo(attack=a.attack, workdir=a.workdir, poison_rate=a.poison_rate,
                             progress=not a.quiet,
                             **kw, **({} if a.model is None else {"model": a.model}))
@@ -257,7 +259,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     res = run_demo(attack=a.attack, workdir=a.workdir, from_scratch=a.from_scratch,
                    poison_rate=a.poison_rate, epochs=a.epochs, model=a.model or "small",
-                   method=a.method, progress=not a.quiet)
+                   method=a.method or DEFAULT_METHOD, progress=not a.quiet)
     _emit({k: v for k, v in res.items() if k != "report"}, a.json, res["report"])
     return 0
 
@@ -364,8 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--attack", default=None, choices=["pe1", "pe2", "ct", "corruptencoder"],
                    help="default: pe2 (SimCLR), ct (CLIP)")
     q.add_argument("--workdir", default="ffengine-demo")
-    q.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS),
-                   help=f"scoring method (SimCLR demo; default {DEFAULT_METHOD})")
+    q.add_argument("--method", default=None, choices=sorted(METHODS),
+                   help=f"scoring method (default: {DEFAULT_METHOD} for SimCLR, paper for "
+                        "CLIP, which takes one-draw methods only)")
     q.add_argument("--from-scratch", action="store_true",
                    help="pre-train instead of using the bundled run")
     q.add_argument("--poison-rate", type=float, default=None)

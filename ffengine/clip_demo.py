@@ -19,28 +19,38 @@ from .attacks.clip_attacks import ClipAttackConfig, poison_clip_dataset
 from .attacks.poisoned_encoder import load_truth
 from .data.demo_data import CIFAR10_CLASSES, demo_index
 from .data.index import SampleIndex
-from .engine.clip_backdoor import clip_backdoor_strength, find_clip_instance
+from .engine.clip_backdoor import clip_backdoor_strength, find_clip_instances
 from .engine.scoring import Engine
 from .engine.store import instances_digest
+from .errors import ConfigError
 from .evaluate import evaluate
+from .methods import METHODS, get_method
 from .models.clip import load_clip_model
 from .pretrain.clip import ClipPretrainConfig, pretrain_clip
 from .trace import trace
 
-DEFAULT_POISON_RATE = {"ct": 0.05, "corruptencoder": 0.05}
+# the smallest rates tried at which each backdoor took at this scale (README, "Measured"):
+# CorruptEncoder at 5% gave 15.5% triggered vs 5.5% clean; at 15%, 85.0% vs 2.3%
+DEFAULT_POISON_RATE = {"ct": 0.05, "corruptencoder": 0.15}
 
 
 def run_clip_demo(attack: str = "ct", workdir: str | Path = "ffengine-clip-demo",
                   epochs: int = 30, poison_rate: float | None = None,
                   model: str = "ffclip-vit-tiny", batch_size: int = 256, lr: float = 1e-3,
-                  ckpt_every: int | None = None, checkpoints: str = "all", k: float = 3.0,
+                  ckpt_every: int | None = None, method: str = "paper",
                   n_train: int | None = None, n_test: int | None = None, seed: int = 0,
                   device: str = "cpu", progress: bool = True) -> dict:
     """Run the whole CLIP traceback on the bundled data; returns metrics and a report.
 
     ``n_train`` / ``n_test``: use only the first samples of the demo's train / test splits
-    (tests and quick looks); ``ckpt_every`` defaults to a fifth of ``epochs``.
+    (tests and quick looks); ``ckpt_every`` defaults to a fifth of ``epochs``. ``method``: a
+    named scoring method of :mod:`ffengine.methods` with one draw (CLIP scores a fixed view).
     """
+    m = get_method(method)
+    if m.draws != 1:
+        raise ConfigError(f"method {method!r} takes {m.draws} augmentation draws, but CLIP "
+                          f"scores one fixed view of each image; pick a one-draw method "
+                          f"({', '.join(n for n, x in METHODS.items() if x.draws == 1)}).")
     t0 = time.perf_counter()
     work = Path(workdir)
     rate = DEFAULT_POISON_RATE[attack] if poison_rate is None else poison_rate
@@ -67,20 +77,22 @@ def run_clip_demo(attack: str = "ct", workdir: str | Path = "ffengine-clip-demo"
     t = time.perf_counter()
     final = load_clip_model(run, run.checkpoints[-1], device)
     strength = clip_backdoor_strength(final, cfg, test, CIFAR10_CLASSES)
-    inst = find_clip_instance(final, cfg, test, CIFAR10_CLASSES)
-    inst.save(work / "instance")
+    found = find_clip_instances(final, cfg, test, CIFAR10_CLASSES, m.instances)
+    inst_paths = [str(work / "instances" / f"{i:02d}") for i in range(len(found))]
+    for x, path in zip(found, inst_paths, strict=True):
+        x.save(path)
+    inst = found[0]
     timings["instance_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    engine = Engine(run, checkpoints=checkpoints, device=device, seed=seed, progress=progress)
-    trace_dir = work / f"trace-{checkpoints}-{instances_digest([inst])}"
-    summary = trace(engine, index, [inst], trace_dir, k=k,
-                    instance_paths=[str(work / "instance")])
+    engine = Engine(run, device=device, seed=seed, progress=progress, **m.engine_options())
+    trace_dir = work / f"trace-{method}-{instances_digest(found)}"
+    summary = trace(engine, index, found, trace_dir, k=m.k, instance_paths=inst_paths)
     timings["score_s"] = time.perf_counter() - t
     metrics = evaluate(data_dir, trace_dir)
     timings["total_s"] = time.perf_counter() - t0
     result = {**metrics, **strength, "attack": attack, "poison_rate": rate,
-              "trace": str(trace_dir),
+              "trace": str(trace_dir), "method": method, "n_instances": len(found),
               "model": model, "epochs": epochs, "run": str(run.path),
               "checkpoints": summary["checkpoints"],
               "cos_per_checkpoint": [c[0] for c in summary["cos_per_checkpoint"]],
@@ -98,7 +110,9 @@ def run_clip_demo(attack: str = "ct", workdir: str | Path = "ffengine-clip-demo"
         f"{strength['asr_untriggered']:.1%}; clean zero-shot accuracy "
         f"{strength['zero_shot_acc']:.1%}",
         f"instance: x_b from {inst.meta['x_b_source']}, x_r = {inst.meta['x_r_source']} "
-        f"(cos {inst.meta['cos']:.3f})",
+        f"(cos {inst.meta['cos']:.3f})" + (f" and {len(found) - 1} more" if len(found) > 1
+                                           else ""),
+        f"scoring method {method}: {m.describe()}",
         rows_text,
         f"DACC {metrics['dacc']:.4f}  FPR {metrics['fpr']:.4f}  FNR {metrics['fnr']:.4f}  "
         f"AUC {metrics['auc']:.4f}  (flagged {metrics['n_flagged']})",

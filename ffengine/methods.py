@@ -43,6 +43,10 @@ METHODS: dict[str, Method] = {
     # the final checkpoint, the max over 16 augmentation draws (a poison raises the cosine
     # only in draws whose two views fall on different halves of it), mean over 5 instances
     "last-max16x5": Method(checkpoints="last", draws=16, aggregate="max", instances=5),
+    # the final checkpoint, one draw, mean over 5 instances: for CLIP, which scores one
+    # fixed view, and whose cosine learning-rate schedule gives the first checkpoint
+    # (before the backdoor formed) the largest weight in Eq. 5
+    "last-x5": Method(checkpoints="last", instances=5),
     # the same with the paper's k = 6 ablation: max-over-draws scores have a heavier right
     # tail than one draw's, and k = 3 flags 5-11% of the clean set on them
     "last-max16x5-k6": Method(checkpoints="last", draws=16, aggregate="max", instances=5,

@@ -598,8 +598,18 @@ def test_clip_demo_runs_end_to_end_at_toy_scale(tmp_path):
     assert r["top_domain"] is not None and "DACC" in r["report"]
     assert Path(r["trace"]).parent == tmp_path / "demo"
     assert (Path(r["trace"]) / "summary.json").exists()
-    assert (tmp_path / "demo" / "instance" / "x_b.png").exists()
+    assert (tmp_path / "demo" / "instances" / "00" / "x_b.png").exists()
     # a second call reuses the finished trace of the same instance
     again = run_clip_demo("ct", tmp_path / "demo", epochs=1, model="ffclip-vit-test",
                           n_train=120, n_test=40, batch_size=32, progress=False)
     assert again["trace"] == r["trace"] and again["auc"] == r["auc"]
+    # another method: its own trace directory, five instances; multi-draw methods refused
+    last = run_clip_demo("ct", tmp_path / "demo", epochs=1, model="ffclip-vit-test",
+                         n_train=120, n_test=40, batch_size=32, progress=False,
+                         method="last-x5")
+    assert last["n_instances"] == 5 and last["trace"] != r["trace"]
+    assert np.load(Path(last["trace"]) / "scores.npy").shape == (126, 5)
+    with pytest.raises(ConfigError, match="one-draw"):
+        run_clip_demo("ct", tmp_path / "demo", epochs=1, model="ffclip-vit-test",
+                      n_train=120, n_test=40, batch_size=32, progress=False,
+                      method="last-max16x5")
