@@ -30,7 +30,12 @@ from ffengine.attacks.triggers import TriggerConfig
 from ffengine.data.demo_data import demo_index
 from ffengine.data.index import SampleIndex
 from ffengine.detect import flag
-from ffengine.engine.backdoor import backdoor_strength, find_instances, knn_bank
+from ffengine.engine.backdoor import (
+    backdoor_strength,
+    find_instances,
+    knn_bank,
+    with_optimized_references,
+)
 from ffengine.engine.instance import load_instance
 from ffengine.engine.scoring import Engine, aggregate_draws, detection_scores
 from ffengine.io_utils import atomic_write_bytes, atomic_write_json
@@ -76,20 +81,28 @@ class GridConfig:
                             poison_rate=self.poison_rate, trigger=trig, seed=self.seed)
 
 
-def trace_name(m: Method) -> str:
-    """The cached trace whose terms hold method ``m``'s: per-(checkpoint, draw, instance)
+def trace_name(method: str) -> str:
+    """The cached trace whose terms hold this method's: per-(checkpoint, draw, instance)
     terms do not depend on which others are scored beside them, to float32 rounding
     (tests/test_pipeline.py, ``test_terms_do_not_depend_on_the_other_options``), so every
     method is a slice of one trace."""
+    m = METHODS[method]
+    suffix = "-optref" if method in OPTREF_METHODS else ""
     for name, (ckpts, draws) in TRACES.items():
-        if ckpts == m.checkpoints and m.draws <= draws:
+        if name.endswith("-optref") == bool(suffix) and ckpts == m.checkpoints and \
+                m.draws <= draws:
             return name
-    raise ValueError(f"no cached trace holds {m}")
+    raise ValueError(f"no cached trace holds {method}")
 
 
-# One trace per (checkpoints, draws) setting, with N_INSTANCES instances in one pass.
-TRACES = {"all-d1": ("all", 1), "last-d16": ("last", 16)}
+# One trace per (checkpoints, draws) setting, with N_INSTANCES instances in one pass; the
+# "-optref" trace scores the same x_bs with x_r optimized from noise.
+TRACES = {"all-d1": ("all", 1), "last-d16": ("last", 16), "all-d1-optref": ("all", 1)}
 N_INSTANCES = 5
+
+# the paper's Table 7 ablation: x_r optimized from uniform noise (Adam, lr 1e-3, 100 steps,
+# maximizing the cosine to x_b) instead of the nearest clean image
+OPTREF_METHODS = {"paper-optref": Method(), "paper-optref-5inst": Method(instances=5)}
 
 METHODS = {
     **PRODUCT_METHODS,
@@ -100,6 +113,7 @@ METHODS = {
     # the paper's k ablation (Table 6: k = 1, 3, 6)
     "paper-k1": Method(k=1.0),
     "paper-k6": Method(k=6.0),
+    **OPTREF_METHODS,
 }
 
 _base = GridConfig()
@@ -160,30 +174,45 @@ def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool)
     took = (strength["asr"] >= TOOK_MIN_ASR
             and strength["asr"] - strength["asr_untriggered"] >= TOOK_MIN_GAP)
 
-    needed = sorted({trace_name(METHODS[m]) for m in methods})
+    needed = sorted({trace_name(m) for m in methods})
     trace_s: dict[str, float] = {}
     for name in needed:
         ckpts, draws = TRACES[name]
         out = work / "traces" / f"v2-{name}"
         t0 = time.perf_counter()
         if not (out / "summary.json").exists():
+            insts, paths = instances, inst_paths
+            if name.endswith("-optref"):
+                insts, paths = _optimized_instances(run, instances, work / "instances-optref")
             engine = Engine(run, checkpoints=ckpts, draws=draws, progress=progress)
-            trace(engine, index, instances, out, instance_paths=inst_paths)
+            trace(engine, index, insts, out, instance_paths=paths)
         trace_s[name] = round(time.perf_counter() - t0, 1)
 
     truth = load_truth(work / "data")
     rows = []
     for name in methods:
         m = METHODS[name]
-        terms = np.load(work / "traces" / f"v2-{trace_name(m)}" / "terms.npy", mmap_mode="r")
+        terms = np.load(work / "traces" / f"v2-{trace_name(name)}" / "terms.npy",
+                        mmap_mode="r")
         metrics = method_metrics(terms, m, truth, index.labels, cfg.target_class)
         rows.append({"config": cfg.name, **asdict(cfg), "method": name, **asdict(m),
                      **strength, "took": took, **metrics,
                      "x_b": instances[0].meta.get("x_b_source"),
                      "x_r": instances[0].meta.get("x_r_source"),
                      "data_s": round(t_data, 1), "pretrain_s": round(t_run, 1),
-                     "trace_s": trace_s[trace_name(m)]})
+                     "trace_s": trace_s[trace_name(name)]})
     return rows
+
+
+def _optimized_instances(run: Run, instances: list, out: Path) -> tuple[list, list[str]]:
+    """The instances with x_r optimized from noise (cached in ``out``)."""
+    paths = [str(out / f"{i:02d}") for i in range(len(instances))]
+    if not (out / "done").exists():
+        model = run.load_model(run.checkpoints[-1])
+        for inst, path in zip(with_optimized_references(model, instances), paths, strict=True):
+            inst.save(path)
+        atomic_write_bytes(out / "done", b"")
+    return [load_instance(p) for p in paths], paths
 
 
 def method_metrics(terms: np.ndarray, m: Method, truth: dict, labels: np.ndarray,

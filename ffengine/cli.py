@@ -141,7 +141,12 @@ def _load_attack_of(data_dir: Path):
 
 
 def cmd_instance(a: argparse.Namespace) -> int:
-    from .engine.backdoor import backdoor_strength, find_instances, knn_bank
+    from .engine.backdoor import (
+        backdoor_strength,
+        find_instances,
+        knn_bank,
+        with_optimized_references,
+    )
     from .run import Run
 
     if a.count < 1:
@@ -155,6 +160,8 @@ def cmd_instance(a: argparse.Namespace) -> int:
     knn = knn_bank(model, bank)
     found = find_instances(model, cfg, bank, test, trig, a.count, knn=knn,
                            trigger_label=truth.get("pe1_trigger_label"))
+    if a.reference == "optimized":
+        found = with_optimized_references(model, found, seed=a.seed)
     strength = backdoor_strength(model, cfg, bank, test, trig, knn=knn)
     return _save_instances(a, found, strength, f"asr {strength['asr']:.3f} vs untriggered "
                                                 f"{strength['asr_untriggered']:.3f}")
@@ -185,6 +192,8 @@ def _clip_instance(a: argparse.Namespace, run) -> int:
     from .engine.clip_backdoor import clip_backdoor_strength, find_clip_instances
     from .models.clip import load_clip_model
 
+    if a.reference != "nearest":
+        raise ConfigError("--reference optimized is implemented for SimCLR runs only.")
     model = load_clip_model(run, run.checkpoints[-1], a.device)
     cfg = ClipAttackConfig.from_dict(load_truth(Path(a.data))["attack"])
     test = _open_split(a.test, "test")
@@ -323,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--count", type=int, default=1,
                    help="instances from different triggered images (several: -o/00, -o/01, "
                         "...; PE-I has one)")
+    q.add_argument("--reference", default="nearest", choices=["nearest", "optimized"],
+                   help="x_r: the nearest clean image (default) or noise optimized to match "
+                        "x_b (Adam, lr 1e-3, 100 steps: the paper's Table 7 ablation)")
+    q.add_argument("--seed", type=int, default=0, help="seed of --reference optimized")
     q.add_argument("--device", default="cpu")
     common(q)
     q.set_defaults(func=cmd_instance)

@@ -14,7 +14,14 @@ from ffengine.attacks.poisoned_encoder import AttackConfig, poison_dataset
 from ffengine.cli import main
 from ffengine.data.demo_data import demo_index
 from ffengine.data.index import SampleIndex, index_arrays
-from ffengine.engine.backdoor import embed_images, find_instance, find_instances, pick_order
+from ffengine.engine.backdoor import (
+    embed_images,
+    find_instance,
+    find_instances,
+    optimized_reference,
+    pick_order,
+    with_optimized_references,
+)
 from ffengine.engine.scoring import Engine
 from ffengine.errors import ConfigError, DataError, ManifestMismatchError
 from ffengine.pretrain.simclr import PretrainConfig, pretrain
@@ -162,6 +169,24 @@ def test_pe1_instance_needs_the_trigger_class(small):
     np.testing.assert_array_equal(inst.x_b, trig)
 
 
+def test_optimized_reference_raises_the_cosine_and_is_seeded(small):
+    model = small["run"].load_model(small["run"].checkpoints[-1])
+    (inst,) = find_instances(model, small["cfg"], small["clean"], small["test"])
+    target = embed_images(model, [inst.x_b], head=True)
+    start = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    start_img = (start[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    cos0 = float((embed_images(model, [start_img], head=True) * target).sum())
+    img, cos = optimized_reference(model, inst.x_b, steps=30, lr=1e-2, seed=4)
+    assert img.dtype == np.uint8 and img.shape == inst.x_b.shape
+    assert 1 - cos < 0.5 * (1 - cos0)  # at least halves the gap to a perfect match
+    again, cos2 = optimized_reference(model, inst.x_b, steps=30, lr=1e-2, seed=4)
+    np.testing.assert_array_equal(img, again)
+    (opt,) = with_optimized_references(model, [inst], steps=5)
+    assert opt.meta["x_r_pool"] == "optimized" and opt.meta["x_b_source"] == inst.meta[
+        "x_b_source"]
+    np.testing.assert_array_equal(opt.x_b, inst.x_b)
+
+
 def test_pick_order_puts_hits_first_in_seeded_order():
     took = np.array([False, True, False, True, True])
     picks = pick_order(took, np.random.default_rng(0), 4)
@@ -198,6 +223,10 @@ def test_cli_end_to_end(small, tmp_path, capsys):
                root / "test", "-o", tmp_path / "two", "--count", 2, "--json", "--quiet")
     assert two["instances"] == [str(tmp_path / "two" / "00"), str(tmp_path / "two" / "01")]
     assert two["metas"][0] == {**i, "strength": two["strength"]}
+    opt = call("instance", "--run", run, "--data", data, "--bank", root / "clean", "--test",
+               root / "test", "-o", tmp_path / "opt", "--reference", "optimized", "--json",
+               "--quiet")
+    assert opt["x_r_pool"] == "optimized" and opt["x_b_source"] == i["x_b_source"]
     t = call("trace", "--run", run, "--index", data / "index", "--instance", inst,
              *two["instances"], "-o", out, "--json", "--quiet")
     assert t["n"] == 106 and np.load(out / "scores.npy").shape == (106, 3)

@@ -182,3 +182,42 @@ def instances_with_nearest_reference(test: SampleIndex, ids: np.ndarray,
         }
         out.append(Instance(triggered[p], test.image(r), meta))
     return out
+
+
+def optimized_reference(model: SimCLRModel, x_b: np.ndarray, steps: int = 100,
+                        lr: float = 1e-3, seed: int = 0) -> tuple[np.ndarray, float]:
+    """The paper's random reference input (its Table 7 ablation): uniform noise optimized
+    with Adam (``lr``, ``steps`` iterations, pixels kept in [0, 1]) to maximize the
+    head-output cosine to ``x_b``. Returns the uint8 image and its final cosine (measured
+    on the uint8 image)."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    h, w = x_b.shape[:2]
+    x = torch.rand(1, 3, h, w, generator=gen).requires_grad_(True)
+    target = embed_images(model, [x_b], head=True)
+    opt = torch.optim.Adam([x], lr=lr)
+    for _ in range(steps):
+        z = F.normalize(model.head(model.features(x)), dim=1)
+        loss = -(z * target).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            x.clamp_(0, 1)
+    img = (x.detach()[0].permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    cos = float((embed_images(model, [img], head=True) * target).sum())
+    return np.ascontiguousarray(img), cos
+
+
+def with_optimized_references(model: SimCLRModel, instances: list[Instance], steps: int = 100,
+                              lr: float = 1e-3, seed: int = 0) -> list[Instance]:
+    """The same ``x_b``s with ``x_r`` replaced by :func:`optimized_reference` (one seed per
+    instance)."""
+    out = []
+    for j, inst in enumerate(instances):
+        img, cos = optimized_reference(model, inst.x_b, steps, lr, seed + j)
+        meta = {**inst.meta, "x_r_source": f"optimized noise (seed {seed + j}, {steps} Adam "
+                                           f"steps, lr {lr:g})", "x_r_label": -1,
+                "x_r_pool": "optimized", "cos": cos}
+        out.append(Instance(inst.x_b, img, meta))
+    return out
