@@ -87,22 +87,28 @@ def trace_name(method: str) -> str:
     (tests/test_pipeline.py, ``test_terms_do_not_depend_on_the_other_options``), so every
     method is a slice of one trace."""
     m = METHODS[method]
-    suffix = "-optref" if method in OPTREF_METHODS else ""
-    for name, (ckpts, draws) in TRACES.items():
-        if name.endswith("-optref") == bool(suffix) and ckpts == m.checkpoints and \
-                m.draws <= draws:
+    variant = next((v for v, names in ABLATIONS.items() if method in names), "")
+    for name, (ckpts, draws, var) in TRACES.items():
+        if var == variant and ckpts == m.checkpoints and m.draws <= draws:
             return name
     raise ValueError(f"no cached trace holds {method}")
 
 
-# One trace per (checkpoints, draws) setting, with N_INSTANCES instances in one pass; the
-# "-optref" trace scores the same x_bs with x_r optimized from noise.
-TRACES = {"all-d1": ("all", 1), "last-d16": ("last", 16), "all-d1-optref": ("all", 1)}
+# One trace per (checkpoints, draws, variant) setting, with N_INSTANCES instances in one
+# pass. Variants: "" (the default), "optref" (the same x_bs, x_r optimized from noise) and
+# "fc2" (only the head's last Linear layer scored).
+TRACES = {"all-d1": ("all", 1, ""), "last-d16": ("last", 16, ""),
+          "all-d1-optref": ("all", 1, "optref"), "all-d1-fc2": ("all", 1, "fc2")}
 N_INSTANCES = 5
+VARIANT_LAYERS = {"fc2": ("head.fc2",)}
 
-# the paper's Table 7 ablation: x_r optimized from uniform noise (Adam, lr 1e-3, 100 steps,
-# maximizing the cosine to x_b) instead of the nearest clean image
-OPTREF_METHODS = {"paper-optref": Method(), "paper-optref-5inst": Method(instances=5)}
+# The paper's ablations that need their own traces: Table 7's random reference input (x_r
+# optimized from uniform noise: Adam, lr 1e-3, 100 steps, maximizing the cosine to x_b) and
+# the scored layers (the projection head's last Linear layer alone vs the whole head).
+ABLATIONS = {"optref": {"paper-optref": Method(), "paper-optref-5inst": Method(instances=5)},
+             "fc2": {"paper-fc2": Method(), "paper-fc2-5inst": Method(instances=5)}}
+
+METHODS = {"paper-optref": Method(), "paper-optref-5inst": Method(instances=5)}
 
 METHODS = {
     **PRODUCT_METHODS,
@@ -113,7 +119,7 @@ METHODS = {
     # the paper's k ablation (Table 6: k = 1, 3, 6)
     "paper-k1": Method(k=1.0),
     "paper-k6": Method(k=6.0),
-    **OPTREF_METHODS,
+    **{name: m for group in ABLATIONS.values() for name, m in group.items()},
 }
 
 _base = GridConfig()
@@ -177,14 +183,15 @@ def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool)
     needed = sorted({trace_name(m) for m in methods})
     trace_s: dict[str, float] = {}
     for name in needed:
-        ckpts, draws = TRACES[name]
+        ckpts, draws, variant = TRACES[name]
         out = work / "traces" / f"v2-{name}"
         t0 = time.perf_counter()
         if not (out / "summary.json").exists():
             insts, paths = instances, inst_paths
-            if name.endswith("-optref"):
+            if variant == "optref":
                 insts, paths = _optimized_instances(run, instances, work / "instances-optref")
-            engine = Engine(run, checkpoints=ckpts, draws=draws, progress=progress)
+            engine = Engine(run, checkpoints=ckpts, draws=draws, progress=progress,
+                            layers=VARIANT_LAYERS.get(variant))
             trace(engine, index, insts, out, instance_paths=paths)
         trace_s[name] = round(time.perf_counter() - t0, 1)
 
@@ -342,8 +349,11 @@ def write_markdown(rows: list[dict]) -> None:
         lines.append(f"| {c} | {PAPER_ROW['dacc']} / {PAPER_ROW['fpr']} / "
                      f"{PAPER_ROW['fnr']} | {cells[0]} | {cells[1]} |")
     lines += ["", "## Methods", "", "| method | what it does |", "|---|---|"]
+    notes = {"optref": "; x_r optimized from noise (Table 7)",
+             "fc2": "; only head.fc2 scored"}
     for name, m in METHODS.items():
-        lines.append(f"| `{name}` | {m.describe()} |")
+        extra = "".join(notes[v] for v, names in ABLATIONS.items() if name in names)
+        lines.append(f"| `{name}` | {m.describe()}{extra} |")
     lines += ["", "## Every row", "",
               "FPR target / other: the false-positive rate among clean images of the target "
               "class / of the other classes.", "",

@@ -224,7 +224,8 @@ def cmd_trace(a: argparse.Namespace) -> int:
         engine = Engine(a.run, checkpoints=ckpts, device=local_device(a.device),
                         backend=a.backend, draws=draws, aggregate=aggregate,
                         batch_size=a.batch_size, seed=a.seed, chunk_batches=a.chunk_batches,
-                        workers=a.workers, progress=not a.quiet and dist.is_main)
+                        workers=a.workers, progress=not a.quiet and dist.is_main,
+                        layers=a.layers.split(",") if a.layers else None)
         summary = trace(engine, SampleIndex(a.index), [load_instance(p) for p in a.instance],
                         a.output, k=k, instance_paths=a.instance, dist=dist)
     if summary is None:  # ranks other than 0: rank 0 reports
@@ -362,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minutes a process waits for the others under torchrun")
     q.add_argument("--backend", default="auto",
                    choices=["auto", "torch", "cpu", "triton", "cuda"])
+    q.add_argument("--layers", default=None,
+                   help="scored layers, comma-separated module paths (default: the run's, "
+                        "e.g. head.fc1,head.bn,head.fc2)")
     q.add_argument("--device", default="cpu")
     q.add_argument("--workers", type=int, default=0, help="image-decoding processes")
     q.add_argument("--seed", type=int, default=0)

@@ -196,6 +196,25 @@ def test_pick_order_puts_hits_first_in_seeded_order():
         pick_order(took, np.random.default_rng(0), 0)
 
 
+def test_engine_scored_layer_override(small):
+    """layers=("head.fc2",) scores that layer alone, fast path == reference; unknown layers
+    are refused with the list of scorable ones; the override is recorded in the options."""
+    model = small["run"].load_model(small["run"].checkpoints[-1])
+    inst = find_instance(model, small["cfg"], small["clean"], small["test"])
+    kw = dict(progress=False, batch_size=24, checkpoints="last", layers=("head.fc2",))
+    fast = Engine(small["run"], **kw).score(small["index"], [inst])
+    ref = Engine(small["run"], reference=True, **kw).score(small["index"], [inst])
+    scale = np.abs(ref.terms).max()
+    assert scale > 0
+    assert np.abs(fast.terms - ref.terms).max() <= 1e-5 * scale
+    full = Engine(small["run"], progress=False, batch_size=24, checkpoints="last")
+    assert not np.allclose(full.score(small["index"], [inst]).terms, fast.terms)
+    assert Engine(small["run"], **kw).options()["layers"] == ["head.fc2"]
+    assert "layers" not in full.options()
+    with pytest.raises(ConfigError, match="scorable layers"):
+        Engine(small["run"], progress=False, layers=("head.nope",)).score(small["index"], [inst])
+
+
 def test_engine_checkpoint_selection(small):
     assert [c.epoch for c in Engine(small["run"], checkpoints="last").checkpoints] == [2]
     with pytest.raises(ConfigError, match="epoch"):

@@ -102,15 +102,23 @@ class Engine:
         seed: seeds the sample order and the scoring views.
         reference: score with the slow per-sample autograd reference instead of the ghost
             fast path (same batches, views and negatives): for tests and audits.
+        layers: module paths of the scored layers instead of the run's (e.g.
+            ``("head.fc2",)``: the paper's scored-layer ablation).
     """
 
     def __init__(self, run: Run | str | Path, checkpoints: str | Sequence[int] = "all",
                  device: torch.device | str = "cpu", backend: str | None = "auto",
                  draws: int = 1, aggregate: str = "mean", batch_size: int | None = None,
                  seed: int = 0, chunk_batches: int = 16, workers: int = 0,
-                 progress: bool = True, reference: bool = False):
+                 progress: bool = True, reference: bool = False,
+                 layers: Sequence[str] | None = None):
         self.run = run if isinstance(run, Run) else Run(run)
         self.objective = objective_for(self.run)
+        if layers is not None:
+            if not layers:
+                raise ConfigError("layers must name at least one scored layer.")
+            self.objective.layers = tuple(layers)
+        self.layers_overridden = layers is not None
         if draws > 1 and not self.objective.draws_matter:
             raise ConfigError(f"{self.objective.name} scores a fixed view of each sample: "
                               f"more than one draw repeats the same work; use draws=1.")
@@ -169,7 +177,9 @@ class Engine:
                 "aggregate": self.aggregate, "batch_size": self.batch_size,
                 "chunk_batches": self.chunk_batches, "seed": self.seed,
                 "backend": self.backend, "reference": self.reference,
-                "device_type": self.device.type}
+                "device_type": self.device.type,
+                # only when overridden: traces of the run's own layers keep their metadata
+                **({"layers": list(self.objective.layers)} if self.layers_overridden else {})}
 
     def prepare(self, instances: Sequence[Instance], index: SampleIndex) -> ScoringState:
         """Load every selected checkpoint and take its stacked cosine gradient."""
