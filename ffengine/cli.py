@@ -225,7 +225,8 @@ def cmd_trace(a: argparse.Namespace) -> int:
                         backend=a.backend, draws=draws, aggregate=aggregate,
                         batch_size=a.batch_size, seed=a.seed, chunk_batches=a.chunk_batches,
                         workers=a.workers, progress=not a.quiet and dist.is_main,
-                        layers=a.layers.split(",") if a.layers else None)
+                        layers=a.layers.split(",") if a.layers else None,
+                        precision=a.precision)
         summary = trace(engine, SampleIndex(a.index), [load_instance(p) for p in a.instance],
                         a.output, k=k, instance_paths=a.instance, dist=dist)
     if summary is None:  # ranks other than 0: rank 0 reports
@@ -363,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minutes a process waits for the others under torchrun")
     q.add_argument("--backend", default="auto",
                    choices=["auto", "torch", "cpu", "triton", "cuda"])
+    q.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                   help="bfloat16: the backbone under bf16 autocast (GPU, AMX CPUs)")
     q.add_argument("--layers", default=None,
                    help="scored layers, comma-separated module paths (default: the run's, "
                         "e.g. head.fc1,head.bn,head.fc2)")

@@ -215,6 +215,22 @@ def test_engine_scored_layer_override(small):
         Engine(small["run"], progress=False, layers=("head.nope",)).score(small["index"], [inst])
 
 
+def test_engine_bf16_backbone_moves_scores_a_little(small):
+    """precision="bfloat16": the backbone under bf16 autocast, the head's maths in float32;
+    scores stay close to float32's (same views and batches) but are not equal to them."""
+    model = small["run"].load_model(small["run"].checkpoints[-1])
+    inst = find_instance(model, small["cfg"], small["clean"], small["test"])
+    kw = dict(progress=False, batch_size=24, checkpoints="last")
+    f32 = Engine(small["run"], **kw).score(small["index"], [inst]).scores[:, 0]
+    eng = Engine(small["run"], precision="bfloat16", **kw)
+    assert eng.options()["precision"] == "bfloat16"
+    b16 = eng.score(small["index"], [inst]).scores[:, 0]
+    assert b16.dtype == np.float32 and not np.array_equal(b16, f32)
+    assert np.corrcoef(b16, f32)[0, 1] > 0.95
+    with pytest.raises(ConfigError, match="precision"):
+        Engine(small["run"], precision="float16")
+
+
 def test_engine_checkpoint_selection(small):
     assert [c.epoch for c in Engine(small["run"], checkpoints="last").checkpoints] == [2]
     with pytest.raises(ConfigError, match="epoch"):

@@ -104,6 +104,9 @@ class Engine:
             fast path (same batches, views and negatives): for tests and audits.
         layers: module paths of the scored layers instead of the run's (e.g.
             ``("head.fc2",)``: the paper's scored-layer ablation).
+        precision: "float32", or "bfloat16" to run the backbone under bf16 autocast (the
+            scored layers' maths stays float32); faster only where the device has bf16
+            units. How much scores move: bench/README.md.
     """
 
     def __init__(self, run: Run | str | Path, checkpoints: str | Sequence[int] = "all",
@@ -111,9 +114,16 @@ class Engine:
                  draws: int = 1, aggregate: str = "mean", batch_size: int | None = None,
                  seed: int = 0, chunk_batches: int = 16, workers: int = 0,
                  progress: bool = True, reference: bool = False,
-                 layers: Sequence[str] | None = None):
+                 layers: Sequence[str] | None = None, precision: str = "float32"):
         self.run = run if isinstance(run, Run) else Run(run)
         self.objective = objective_for(self.run)
+        supported = getattr(self.objective, "precisions", ("float32",))
+        if precision not in supported:
+            raise ConfigError(f"precision {precision!r} is not available for "
+                              f"{self.objective.name} runs; expected one of {supported}.")
+        if precision != "float32":
+            self.objective.precision = precision
+        self.precision = precision
         if layers is not None:
             if not layers:
                 raise ConfigError("layers must name at least one scored layer.")
@@ -178,8 +188,9 @@ class Engine:
                 "chunk_batches": self.chunk_batches, "seed": self.seed,
                 "backend": self.backend, "reference": self.reference,
                 "device_type": self.device.type,
-                # only when overridden: traces of the run's own layers keep their metadata
-                **({"layers": list(self.objective.layers)} if self.layers_overridden else {})}
+                # only when not the default: earlier traces keep their metadata
+                **({"layers": list(self.objective.layers)} if self.layers_overridden else {}),
+                **({"precision": self.precision} if self.precision != "float32" else {})}
 
     def prepare(self, instances: Sequence[Instance], index: SampleIndex) -> ScoringState:
         """Load every selected checkpoint and take its stacked cosine gradient."""

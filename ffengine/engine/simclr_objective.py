@@ -25,8 +25,12 @@ class SimclrObjective:
     views = 2
     draws_matter = True  # every draw is a new pair of augmented views
 
+    # the backbone may run under bf16 autocast (the head's maths stays float32)
+    precisions = ("float32", "bfloat16")
+
     def __init__(self, run: Run):
         self.run = run
+        self.precision = "float32"
         self.layers = run.scored_layers
         self.temperature = run.temperature
         self.augment = run.augment
@@ -42,12 +46,14 @@ class SimclrObjective:
                       ids: np.ndarray, seed: int, epoch: int, draw: int) -> torch.Tensor:
         """(2B, d) backbone features of both views (view-major rows), no autograd graph."""
         out = []
+        bf16 = self.precision == "bfloat16"
         with torch.no_grad():
             for v in (0, 1):
                 x = augment_batch(images, sizes, ids, seed,
                                   stream_id(SCORE_STREAM, epoch, draw, v), self.augment)
-                out += [model.features(x[s: s + BACKBONE_BATCH])
-                        for s in range(0, len(x), BACKBONE_BATCH)]
+                with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+                    out += [model.features(x[s: s + BACKBONE_BATCH]).float()
+                            for s in range(0, len(x), BACKBONE_BATCH)]
         return torch.cat(out)
 
     def score_batch(self, model: SimCLRModel, index, images: torch.Tensor, sizes: np.ndarray,
