@@ -96,16 +96,18 @@ def measure(root: Path, what: str, backend: str, K: int, n_slow: int) -> dict:
     insts = [load_instance(root / "instances" / f"{k:02d}") for k in range(K)]
     if what == "inference":
         # the memory format the engine uses on this device (contiguous on CPU)
+        # batches of 256 views: what the engine feeds the backbone (one view of a scoring
+        # batch of 256 samples)
         model = run.load_model(run.checkpoints[-1])
-        x = torch.rand(512, 3, 32, 32)
+        x = torch.rand(256, 3, 32, 32)
         n_views = 2 * len(index)
         with torch.inference_mode():
             model.features(x)  # warm-up
             t0 = time.perf_counter()
-            for _ in range(max(1, n_views // 512)):
+            for _ in range(max(1, n_views // 256)):
                 model.features(x)
             dt = time.perf_counter() - t0
-        images = 512 * max(1, n_views // 512)
+        images = 256 * max(1, n_views // 256)
     elif what in ("engine", "reference"):
         sub = index if what == "engine" else _head(index, n_slow, root)
         eng = Engine(run, checkpoints="last", backend=backend, progress=False,
