@@ -155,7 +155,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
-        "bench": ["pytest-benchmark"],
+        "bench": ["pytest-benchmark", "dattri"],  # dattri: bench/peer_dattri.py only
     },
     entry_points={"console_scripts": ["ffengine=ffengine.cli:main"]},
 )
