@@ -28,20 +28,12 @@ import torch
 def _loss_fn(model, tau):
     from torch.func import functional_call
 
+    from ffengine.losses import nt_xent_sample_loss_onehot
+
     def loss(params, data):
         views, onehot = data  # (2B, 3, H, W), (B,): this item's batch and its position
-        z = functional_call(model, params, (views,))
-        m = torch.cat([onehot, onehot]).unsqueeze(1)
-        u = torch.nn.functional.normalize(m * z + (1 - m) * z.detach(), dim=1)
-        zero = torch.zeros_like(onehot)
-        total = 0.0
-        for sel_a, sel_p in ((torch.cat([onehot, zero]), torch.cat([zero, onehot])),
-                             (torch.cat([zero, onehot]), torch.cat([onehot, zero]))):
-            ua, up = sel_a @ u, sel_p @ u
-            logits = (u @ ua) / tau
-            logits = torch.where(sel_a.bool(), torch.full_like(logits, -torch.inf), logits)
-            total = total + torch.logsumexp(logits, 0) - (ua @ up) / tau
-        return total / 2
+        return nt_xent_sample_loss_onehot(functional_call(model, params, (views,)), onehot,
+                                          tau)
 
     return loss
 

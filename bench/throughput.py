@@ -144,6 +144,7 @@ def _vmap_scores(run, index, insts) -> tuple[float, int]:
     from ffengine.data.loader import iter_chunks
     from ffengine.engine.head import scored_parameters
     from ffengine.engine.scoring import Engine
+    from ffengine.losses import nt_xent_sample_loss_onehot
 
     eng = Engine(run, checkpoints="last", progress=False)
     state = eng.prepare(insts, index)  # a prefix of the run's data: no index check
@@ -157,20 +158,8 @@ def _vmap_scores(run, index, insts) -> tuple[float, int]:
     scored = [k.removeprefix("head.") for k in params]
 
     def loss_i(p, feats, onehot):
-        # nt_xent_sample_loss with masks instead of indexing, so vmap can batch it: the
-        # sample's two views live, every other view detached
         z = functional_call(model.head, ({**head_params, **p}, buffers), (feats,))
-        m = torch.cat([onehot, onehot]).unsqueeze(1)
-        u = torch.nn.functional.normalize(m * z + (1 - m) * z.detach(), dim=1)
-        zero = torch.zeros_like(onehot)
-        total = 0.0
-        for sel_a, sel_p in ((torch.cat([onehot, zero]), torch.cat([zero, onehot])),
-                             (torch.cat([zero, onehot]), torch.cat([onehot, zero]))):
-            ua, up = sel_a @ u, sel_p @ u
-            logits = (u @ ua) / tau
-            logits = torch.where(sel_a.bool(), torch.full_like(logits, -torch.inf), logits)
-            total = total + torch.logsumexp(logits, 0) - (ua @ up) / tau
-        return total / 2
+        return nt_xent_sample_loss_onehot(z, onehot, tau)
 
     obj = eng.objective
     images = 0

@@ -66,6 +66,24 @@ def nt_xent_sample_loss(z: torch.Tensor, i: int, temperature: float) -> torch.Te
     return total / 2
 
 
+def nt_xent_sample_loss_onehot(z: torch.Tensor, onehot: torch.Tensor,
+                               temperature: float) -> torch.Tensor:
+    """:func:`nt_xent_sample_loss` with the sample picked by a (B,) one-hot instead of an
+    index, so ``torch.func.vmap`` can batch it over samples (benchmarks and the peer check
+    materialize per-sample gradients with it)."""
+    m = torch.cat([onehot, onehot]).unsqueeze(1)
+    u = F.normalize(m * z + (1 - m) * z.detach(), dim=1)
+    zero = torch.zeros_like(onehot)
+    total = z.new_zeros(())
+    for sel_a, sel_p in ((torch.cat([onehot, zero]), torch.cat([zero, onehot])),
+                         (torch.cat([zero, onehot]), torch.cat([onehot, zero]))):
+        ua, up = sel_a @ u, sel_p @ u
+        logits = (u @ ua) / temperature
+        logits = torch.where(sel_a.bool(), torch.full_like(logits, -torch.inf), logits)
+        total = total + torch.logsumexp(logits, 0) - (ua @ up) / temperature
+    return total / 2
+
+
 # --------------------------------------------------------------------------- CLIP
 # Image and text embeddings are laid out (B, d), row i of each belonging to pair i; ``scale``
 # is the checkpoint's exp(logit_scale) (clamped at 100), a constant here.

@@ -156,3 +156,26 @@ def test_head_signals_need_eval_mode(rng):
     model = random_model(torch.float32, rng).train()
     with pytest.raises(ConfigError, match="eval mode"):
         head_signals(model.head, torch.randn(4, 8), scored_modules(model, LAYERS), 0.5)
+
+
+def test_onehot_sample_loss_equals_indexed_and_vmaps(rng):
+    """nt_xent_sample_loss_onehot == nt_xent_sample_loss (value and gradient), and vmap over
+    one-hots gives every sample's gradient at once."""
+    from torch.func import grad, vmap
+
+    from ffengine.losses import nt_xent_sample_loss_onehot
+
+    b, d = 5, 7
+    z = torch.randn(2 * b, d, generator=rng, dtype=torch.float64)
+    eye = torch.eye(b, dtype=torch.float64)
+    per_sample = vmap(grad(nt_xent_sample_loss_onehot), in_dims=(None, 0, None))(z, eye, 0.5)
+    for i in range(b):
+        zi = z.clone().requires_grad_(True)
+        ref = nt_xent_sample_loss(zi, i, 0.5)
+        (g_ref,) = torch.autograd.grad(ref, zi)
+        zj = z.clone().requires_grad_(True)
+        val = nt_xent_sample_loss_onehot(zj, eye[i], 0.5)
+        (g,) = torch.autograd.grad(val, zj)
+        torch.testing.assert_close(val, ref.detach(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(per_sample[i], g_ref, rtol=1e-10, atol=1e-12)
