@@ -18,6 +18,7 @@ import platform
 
 import pytest
 import torch
+from machine import cpu_name  # bench/machine.py: bench/ is on sys.path when these run
 
 import ffengine
 from ffengine import _ext
@@ -30,20 +31,8 @@ HAS_GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU; none is available")
 
 
-def _cpu_name() -> str:
-    """The CPU's model name (lscpu's "Model name"), or what platform knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _machine(device: str) -> str:
-    cpu = f"{_cpu_name()} cores={os.cpu_count()} torch_threads={torch.get_num_threads()}"
+    cpu = f"{cpu_name()} cores={os.cpu_count()} torch_threads={torch.get_num_threads()}"
     if device == "cuda":
         return f"{platform.node()} {torch.cuda.get_device_name()} (host: {cpu})"
     return f"{platform.node()} {cpu}"

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_name  # bench/machine.py: bench/ is on sys.path when these run
 
 from ffengine.attacks.poisoned_encoder import AttackConfig, load_truth, poison_dataset
 from ffengine.attacks.triggers import TriggerConfig
@@ -272,21 +273,11 @@ def save_rows(rows: list[dict], command: str) -> None:
             and r["method"] in METHODS]
     for r in rows:
         r["command"] = command
-        r["machine"] = f"{platform.machine()} {platform.processor() or ''} {_cpu_name()}".strip()
+        r["machine"] = f"{platform.machine()} {platform.processor() or ''} {cpu_name()}".strip()
         r["date"] = time.strftime("%Y-%m-%d")
     res["rows"] = keep + rows
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(RESULTS, res)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def summary(rows: list[dict]) -> dict:

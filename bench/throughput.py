@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_name  # bench/machine.py: bench/ is on sys.path when these run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,16 +42,6 @@ def _peak_mib() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build_setup(root: Path, model: str, n: int, seed: int = 0) -> None:
@@ -221,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         ["torch", "cpu"] if not torch.cuda.is_available() else ["torch", "triton", "cuda"])
     if "cpu" in backends and not _ext.extension_available():
         backends.remove("cpu")
-    out = {"machine": f"{_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    out = {"machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                       f"{torch.get_num_threads()} threads",
            "date": time.strftime("%Y-%m-%d"), "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
