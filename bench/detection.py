@@ -37,7 +37,7 @@ from ffengine.engine.backdoor import (
     knn_bank,
     with_optimized_references,
 )
-from ffengine.engine.instance import load_instance
+from ffengine.engine.instance import load_instance, save_instances
 from ffengine.engine.scoring import Engine, aggregate_draws, detection_scores
 from ffengine.io_utils import atomic_write_bytes, atomic_write_json
 from ffengine.methods import DEFAULT_METHOD, Method
@@ -173,8 +173,7 @@ def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool)
         truth = load_truth(work / "data")
         found = find_instances(model, acfg, bank, test, trig, N_INSTANCES, knn=knn,
                                trigger_label=truth.get("pe1_trigger_label"))
-        for i, inst in enumerate(found):
-            inst.save(inst_dir / f"{i:02d}")
+        save_instances(found, inst_dir)
         atomic_write_json(strength_path, strength)
         atomic_write_bytes(inst_dir / "done", b"")
     strength = json.loads(strength_path.read_text())
@@ -216,12 +215,11 @@ def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool)
 
 def _optimized_instances(run: Run, instances: list, out: Path) -> tuple[list, list[str]]:
     """The instances with x_r optimized from noise (cached in ``out``)."""
-    paths = [str(out / f"{i:02d}") for i in range(len(instances))]
     if not (out / "done").exists():
         model = run.load_model(run.checkpoints[-1])
-        for inst, path in zip(with_optimized_references(model, instances), paths, strict=True):
-            inst.save(path)
+        save_instances(with_optimized_references(model, instances), out)
         atomic_write_bytes(out / "done", b"")
+    paths = [str(out / f"{i:02d}") for i in range(len(instances))]
     return [load_instance(p) for p in paths], paths
 
 

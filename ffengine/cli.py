@@ -170,11 +170,15 @@ def cmd_instance(a: argparse.Namespace) -> int:
 def _save_instances(a: argparse.Namespace, found: list, strength: dict, tail: str) -> int:
     """One instance: written to ``-o``; several: to ``-o/00``, ``-o/01``, ... (pass them all
     to ``trace --instance``)."""
-    out = Path(a.output)
-    paths = [out] if len(found) == 1 else [out / f"{i:02d}" for i in range(len(found))]
-    for inst, path in zip(found, paths, strict=True):
+    from .engine.instance import save_instances
+
+    for inst in found:
         inst.meta["strength"] = strength
-        inst.save(path)
+    if len(found) == 1:
+        found[0].save(a.output)
+        paths = [a.output]
+    else:
+        paths = save_instances(found, a.output)
     lines = [f"instance written to {path}: x_b from {inst.meta['x_b_source']}, x_r = "
              f"{inst.meta['x_r_source']} (cos {inst.meta['cos']:.3f})"
              for inst, path in zip(found, paths, strict=True)]

@@ -20,6 +20,7 @@ from .attacks.poisoned_encoder import load_truth
 from .data.demo_data import CIFAR10_CLASSES, demo_index
 from .data.index import SampleIndex
 from .engine.clip_backdoor import clip_backdoor_strength, find_clip_instances
+from .engine.instance import save_instances
 from .engine.scoring import Engine
 from .engine.store import instances_digest
 from .errors import ConfigError
@@ -78,9 +79,7 @@ def run_clip_demo(attack: str = "ct", workdir: str | Path = "ffengine-clip-demo"
     final = load_clip_model(run, run.checkpoints[-1], device)
     strength = clip_backdoor_strength(final, cfg, test, CIFAR10_CLASSES)
     found = find_clip_instances(final, cfg, test, CIFAR10_CLASSES, m.instances)
-    inst_paths = [str(work / "instances" / f"{i:02d}") for i in range(len(found))]
-    for x, path in zip(found, inst_paths, strict=True):
-        x.save(path)
+    inst_paths = save_instances(found, work / "instances")
     inst = found[0]
     timings["instance_s"] = time.perf_counter() - t
 

@@ -18,6 +18,7 @@ from .attacks.poisoned_encoder import AttackConfig, load_truth, poison_dataset
 from .data.demo_data import DEMO_ROOT, demo_index
 from .data.index import SampleIndex
 from .engine.backdoor import backdoor_strength, find_instances, knn_bank
+from .engine.instance import save_instances
 from .engine.scoring import Engine
 from .engine.store import instances_digest
 from .errors import ManifestMismatchError
@@ -86,9 +87,7 @@ def run_demo(attack: str = "pe2", workdir: str | Path = "ffengine-demo",
     strength = backdoor_strength(model_final, cfg, bank, test, trig, knn=knn)
     found = find_instances(model_final, cfg, bank, test, trig, m.instances, knn=knn,
                            trigger_label=truth.get("pe1_trigger_label"))
-    inst_paths = [str(work / "instances" / f"{i:02d}") for i in range(len(found))]
-    for x, path in zip(found, inst_paths, strict=True):
-        x.save(path)
+    inst_paths = save_instances(found, work / "instances")
     inst = found[0]
     timings["instance_s"] = time.perf_counter() - t
 

@@ -37,6 +37,15 @@ class Instance:
         return path
 
 
+def save_instances(instances: list[Instance], root: str | Path) -> list[str]:
+    """Save several instances as ``root/00``, ``root/01``, ...; returns their paths (what
+    ``trace(instance_paths=...)`` and ``ffengine trace --instance`` take)."""
+    paths = [str(Path(root) / f"{i:02d}") for i in range(len(instances))]
+    for inst, path in zip(instances, paths, strict=True):
+        inst.save(path)
+    return paths
+
+
 def load_instance(path: str | Path) -> Instance:
     path = Path(path)
     try:
