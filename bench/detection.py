@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from machine import cpu_name  # bench/machine.py: bench/ is on sys.path when these run
 
+from ffengine.attacks.clip_attacks import CLIP_ATTACKS
 from ffengine.attacks.poisoned_encoder import AttackConfig, load_truth, poison_dataset
 from ffengine.attacks.triggers import TriggerConfig
 from ffengine.data.demo_data import demo_index
@@ -40,7 +41,7 @@ from ffengine.engine.backdoor import (
 from ffengine.engine.instance import load_instance, save_instances
 from ffengine.engine.scoring import Engine, aggregate_draws, detection_scores
 from ffengine.io_utils import atomic_write_bytes, atomic_write_json
-from ffengine.methods import DEFAULT_METHOD, Method
+from ffengine.methods import DEFAULT_CLIP_METHOD, DEFAULT_METHOD, Method
 from ffengine.methods import METHODS as PRODUCT_METHODS
 from ffengine.metrics import detection_metrics
 from ffengine.pretrain.simclr import PretrainConfig, pretrain
@@ -66,14 +67,30 @@ class GridConfig:
     seed: int = 0
     model: str = "small"
     epochs: int = 75
-    ckpt_every: int = 15
+    # checkpoints are saved every 5 epochs (15 in all) for the paper's checkpoint-count
+    # ablation; every other trace uses the 5 at multiples of PAPER_CKPT_EVERY
+    ckpt_every: int = 5
+
+    @property
+    def is_clip(self) -> bool:
+        return self.attack in CLIP_ATTACKS
 
     @property
     def name(self) -> str:
+        if self.is_clip:  # CLIP attacks carry their own triggers (ClipAttackConfig)
+            return (f"{self.attack}-r{round(self.poison_rate * 100):02d}-t{self.target_class}"
+                    f"-seed{self.seed}-{self.model}-e{self.epochs}")
         loc = "".join(w[0] for w in self.trigger_location.split("-"))
         return (f"{self.attack}-r{round(self.poison_rate * 100):02d}-s{self.trigger_size}-{loc}"
                 f"-{self.trigger_shape}-t{self.target_class}-seed{self.seed}-{self.model}"
                 f"-e{self.epochs}")
+
+    def clip_attack_config(self):
+        from ffengine.attacks.clip_attacks import ClipAttackConfig
+
+        return ClipAttackConfig(attack=self.attack, modality="clip",
+                                target_class=self.target_class, poison_rate=self.poison_rate,
+                                seed=self.seed)
 
     def attack_config(self) -> AttackConfig:
         trig = TriggerConfig(shape=self.trigger_shape, size=self.trigger_size,
@@ -82,15 +99,16 @@ class GridConfig:
                             poison_rate=self.poison_rate, trigger=trig, seed=self.seed)
 
 
-def trace_name(method: str) -> str:
+def trace_name(method: str, clip: bool = False) -> str:
     """The cached trace whose terms hold this method's: per-(checkpoint, draw, instance)
     terms do not depend on which others are scored beside them, to float32 rounding
     (tests/test_pipeline.py, ``test_terms_do_not_depend_on_the_other_options``), so every
-    method is a slice of one trace."""
+    method is a slice of one trace. CLIP runs have one-draw traces only."""
     m = METHODS[method]
     variant = next((v for v, names in ABLATIONS.items() if method in names), "")
     for name, (ckpts, draws, var) in TRACES.items():
-        if var == variant and ckpts == m.checkpoints and m.draws <= draws:
+        if (var == variant and ckpts == m.checkpoints and m.draws <= draws
+                and (draws == 1 or not clip)):
             return name
     raise ValueError(f"no cached trace holds {method}")
 
@@ -99,19 +117,23 @@ def trace_name(method: str) -> str:
 # pass. Variants: "" (the default), "optref" (the same x_bs, x_r optimized from noise) and
 # "fc2" (only the head's last Linear layer scored).
 TRACES = {"all-d1": ("all", 1, ""), "last-d16": ("last", 16, ""),
-          "all-d1-optref": ("all", 1, "optref"), "all-d1-fc2": ("all", 1, "fc2")}
+          "all-d1-optref": ("all", 1, "optref"), "all-d1-fc2": ("all", 1, "fc2"),
+          "all-d1-ckpt15": ("all", 1, "ckpt15"), "last-d1": ("last", 1, "")}
 N_INSTANCES = 5
 # the default method changes only on evidence from at least this many configurations
 MIN_CONFIGS_FOR_DEFAULT = 2
 VARIANT_LAYERS = {"fc2": ("head.fc2",)}
+# "all" checkpoints means these 5 (epochs 15, 30, .., 75), as in the runs made before runs
+# saved every 5 epochs; the "ckpt15" variant sums all 15.
+PAPER_CKPT_EVERY = 15
 
 # The paper's ablations that need their own traces: Table 7's random reference input (x_r
 # optimized from uniform noise: Adam, lr 1e-3, 100 steps, maximizing the cosine to x_b) and
 # the scored layers (the projection head's last Linear layer alone vs the whole head).
 ABLATIONS = {"optref": {"paper-optref": Method(), "paper-optref-5inst": Method(instances=5)},
-             "fc2": {"paper-fc2": Method(), "paper-fc2-5inst": Method(instances=5)}}
-
-METHODS = {"paper-optref": Method(), "paper-optref-5inst": Method(instances=5)}
+             "fc2": {"paper-fc2": Method(), "paper-fc2-5inst": Method(instances=5)},
+             # Table 6's number of checkpoints: 15 (every 5 epochs) against the 5 of "paper"
+             "ckpt15": {"paper-ckpt15": Method(), "paper-ckpt15-5inst": Method(instances=5)}}
 
 METHODS = {
     **PRODUCT_METHODS,
@@ -121,11 +143,15 @@ METHODS = {
     "last-max16": Method(checkpoints="last", draws=16, aggregate="max"),
     # the paper's k ablation (Table 6: k = 1, 3, 6)
     "paper-k1": Method(k=1.0),
+    # Table 6's other checkpoint count: the final checkpoint alone, one draw
+    "paper-ckpt1": Method(checkpoints="last"),
     "paper-k6": Method(k=6.0),
     **{name: m for group in ABLATIONS.values() for name, m in group.items()},
 }
 
 _base = GridConfig()
+_clip = GridConfig(attack="ct", poison_rate=0.05, model="ffclip-vit-tiny", epochs=30,
+                   ckpt_every=6)
 GRIDS = {
     # the demo's configuration
     "demo": [_base],
@@ -135,14 +161,79 @@ GRIDS = {
     "trigger": [replace(_base, trigger_size=s) for s in (4, 6, 8, 10)]
     + [replace(_base, trigger_location="random"), replace(_base, trigger_shape="triangle"),
        replace(_base, trigger_shape="logo")],
+    # the multi-modal attacks on CLIP (open_clip ViT-tiny, 30 epochs, a checkpoint every 6):
+    # Carlini-Terzis at 5% and CorruptEncoder at 15%, where each took (README, "Measured")
+    "clip": [_clip, replace(_clip, attack="corruptencoder", poison_rate=0.15)],
     "seeds": [replace(_base, seed=s) for s in (0, 1, 2)]
     + [replace(_base, target_class=c) for c in (0, 3)],
 }
 
 
 def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool) -> list[dict]:
-    """Poison, pre-train, measure strength, find the instance, trace with every method."""
+    """Poison, pre-train, measure strength, find the instances, trace with every method."""
     work = cache / cfg.name
+    prep = _prepare_clip if cfg.is_clip else _prepare_simclr
+    index, run, strength, t_data, t_run = prep(cfg, work, progress)
+    inst_dir = work / "instances"
+    inst_paths = sorted(str(d) for d in inst_dir.iterdir() if d.is_dir())
+    instances = [load_instance(d) for d in inst_paths]
+    took = (strength["asr"] >= TOOK_MIN_ASR
+            and strength["asr"] - strength["asr_untriggered"] >= TOOK_MIN_GAP)
+
+    skipped = [m for m in methods if not applies(m, cfg)]
+    if skipped:
+        print(f"{cfg.name}: skipping {', '.join(skipped)} (CLIP scores one fixed view, and "
+              "only the default variant is wired for its runs)", file=sys.stderr)
+    methods = [m for m in methods if applies(m, cfg)]
+    trace_s: dict[str, float] = {}
+    for name in _trace_order({trace_name(m, cfg.is_clip) for m in methods}):
+        ckpts, draws, variant = TRACES[name]
+        out = work / "traces" / f"v2-{name}"
+        t0 = time.perf_counter()
+        if not (out / "summary.json").exists():
+            insts, paths = instances, inst_paths
+            if variant == "optref":
+                insts, paths = _optimized_instances(run, instances, work / "instances-optref")
+            engine = Engine(run, checkpoints=_checkpoint_epochs(run, ckpts, variant, cfg),
+                            draws=draws, progress=progress,
+                            layers=VARIANT_LAYERS.get(variant))
+            trace(engine, index, insts, out, instance_paths=paths)
+        trace_s[name] = round(time.perf_counter() - t0, 1)
+
+    truth = load_truth(work / "data")
+    rows = []
+    for name in methods:
+        m = METHODS[name]
+        tname = trace_name(name, cfg.is_clip)
+        terms = np.load(work / "traces" / f"v2-{tname}" / "terms.npy", mmap_mode="r")
+        metrics = method_metrics(terms, m, truth, index.labels, cfg.target_class)
+        rows.append({"config": cfg.name, **asdict(cfg), "method": name, **asdict(m),
+                     **strength, "took": took, **metrics,
+                     "x_b": instances[0].meta.get("x_b_source"),
+                     "x_r": instances[0].meta.get("x_r_source"),
+                     "data_s": round(t_data, 1), "pretrain_s": round(t_run, 1),
+                     "trace_s": trace_s[tname]})
+    return rows
+
+
+def applies(method: str, cfg: GridConfig) -> bool:
+    """Whether ``method`` can be measured on ``cfg``'s run: CLIP scores one fixed view of
+    each image, and its runs have neither 15 checkpoints nor a SimCLR head."""
+    if not cfg.is_clip:
+        return True
+    m = METHODS[method]
+    variant = next((v for v, names in ABLATIONS.items() if method in names), "")
+    return m.draws == 1 and variant == ""
+
+
+def _trace_order(names: set[str]) -> list[str]:
+    """The traces in TRACES order: the ones the default methods need first, so an
+    interrupted run has measured what matters most."""
+    return [n for n in TRACES if n in names]
+
+
+def _prepare_simclr(cfg: GridConfig, work: Path, progress: bool):
+    """PoisonedEncoder data, a SimCLR run, the backdoor's strength and the instances."""
     acfg = cfg.attack_config()
     t0 = time.perf_counter()
     if not (work / "data" / "truth.json").exists():
@@ -176,41 +267,59 @@ def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool)
         save_instances(found, inst_dir)
         atomic_write_json(strength_path, strength)
         atomic_write_bytes(inst_dir / "done", b"")
-    strength = json.loads(strength_path.read_text())
-    inst_paths = sorted(str(d) for d in inst_dir.iterdir() if d.is_dir())
-    instances = [load_instance(d) for d in inst_paths]
-    took = (strength["asr"] >= TOOK_MIN_ASR
-            and strength["asr"] - strength["asr_untriggered"] >= TOOK_MIN_GAP)
+    return index, run, json.loads(strength_path.read_text()), t_data, t_run
 
-    needed = sorted({trace_name(m) for m in methods})
-    trace_s: dict[str, float] = {}
-    for name in needed:
-        ckpts, draws, variant = TRACES[name]
-        out = work / "traces" / f"v2-{name}"
-        t0 = time.perf_counter()
-        if not (out / "summary.json").exists():
-            insts, paths = instances, inst_paths
-            if variant == "optref":
-                insts, paths = _optimized_instances(run, instances, work / "instances-optref")
-            engine = Engine(run, checkpoints=ckpts, draws=draws, progress=progress,
-                            layers=VARIANT_LAYERS.get(variant))
-            trace(engine, index, insts, out, instance_paths=paths)
-        trace_s[name] = round(time.perf_counter() - t0, 1)
 
-    truth = load_truth(work / "data")
-    rows = []
-    for name in methods:
-        m = METHODS[name]
-        terms = np.load(work / "traces" / f"v2-{trace_name(name)}" / "terms.npy",
-                        mmap_mode="r")
-        metrics = method_metrics(terms, m, truth, index.labels, cfg.target_class)
-        rows.append({"config": cfg.name, **asdict(cfg), "method": name, **asdict(m),
-                     **strength, "took": took, **metrics,
-                     "x_b": instances[0].meta.get("x_b_source"),
-                     "x_r": instances[0].meta.get("x_r_source"),
-                     "data_s": round(t_data, 1), "pretrain_s": round(t_run, 1),
-                     "trace_s": trace_s[trace_name(name)]})
-    return rows
+def _prepare_clip(cfg: GridConfig, work: Path, progress: bool):
+    """Carlini-Terzis or CorruptEncoder image-caption data, a CLIP run (open_clip), the
+    backdoor's zero-shot strength and the instances: what ``ffengine clip-demo`` does."""
+    from ffengine.attacks.clip_attacks import poison_clip_dataset
+    from ffengine.data.demo_data import CIFAR10_CLASSES
+    from ffengine.engine.clip_backdoor import clip_backdoor_strength, find_clip_instances
+    from ffengine.models.clip import load_clip_model
+    from ffengine.pretrain.clip import ClipPretrainConfig, pretrain_clip
+
+    acfg = cfg.clip_attack_config()
+    t0 = time.perf_counter()
+    if not (work / "data" / "truth.json").exists():
+        poison_clip_dataset(demo_index("train"), demo_index("aux"), work / "data", acfg)
+    index = SampleIndex(work / "data" / "index")
+    t_data = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    pcfg = ClipPretrainConfig(model=cfg.model, epochs=cfg.epochs, ckpt_every=cfg.ckpt_every,
+                              seed=cfg.seed)
+    run = Run(work / "run") if _finished(work / "run", cfg.epochs) else pretrain_clip(
+        index, work / "run", pcfg,
+        command="python " + " ".join(map(shlex.quote, sys.argv)), progress=progress)
+    t_run = time.perf_counter() - t0
+
+    strength_path, inst_dir = work / "strength.json", work / "instances"
+    if not strength_path.exists() or not (inst_dir / "done").exists():
+        model = load_clip_model(run, run.checkpoints[-1], "cpu")
+        test = demo_index("test")
+        strength = clip_backdoor_strength(model, acfg, test, CIFAR10_CLASSES)
+        found = find_clip_instances(model, acfg, test, CIFAR10_CLASSES, N_INSTANCES)
+        save_instances(found, inst_dir)
+        atomic_write_json(strength_path, strength)
+        atomic_write_bytes(inst_dir / "done", b"")
+    return index, run, json.loads(strength_path.read_text()), t_data, t_run
+
+
+def _checkpoint_epochs(run: Run, ckpts: str, variant: str,
+                       cfg: GridConfig) -> str | list[int]:
+    """The epochs a trace sums: "all" is the 5 at multiples of PAPER_CKPT_EVERY, except in
+    the "ckpt15" variant, which needs a run saved every 5 epochs, and for CLIP, whose runs
+    save 5 checkpoints."""
+    epochs = [c.epoch for c in run.checkpoints]
+    if ckpts != "all" or cfg.is_clip:
+        return ckpts
+    if variant == "ckpt15":
+        if len(epochs) < 15:
+            raise ValueError(f"{run.path} has {len(epochs)} checkpoints; the ckpt15 ablation "
+                             "needs a run saved every 5 epochs")
+        return epochs
+    return [e for e in epochs if e % PAPER_CKPT_EVERY == 0]
 
 
 def _optimized_instances(run: Run, instances: list, out: Path) -> tuple[list, list[str]]:
@@ -279,6 +388,15 @@ def save_rows(rows: list[dict], command: str) -> None:
 
 
 def summary(rows: list[dict]) -> dict:
+    """Worst cases over the configurations where the attack took, for the default method and
+    the paper's: SimCLR configurations at the top level (they decide ``DEFAULT_METHOD``),
+    CLIP ones under ``clip`` (they decide ``DEFAULT_CLIP_METHOD``: one-draw methods only)."""
+    image = [r for r in rows if r.get("attack") not in CLIP_ATTACKS]
+    clip = [r for r in rows if r.get("attack") in CLIP_ATTACKS]
+    return {**_summary(image, DEFAULT_METHOD), "clip": _summary(clip, DEFAULT_CLIP_METHOD)}
+
+
+def _summary(rows: list[dict], default: str) -> dict:
     def worst(method: str) -> dict:
         sel = [r for r in rows if r["method"] == method and r["took"]]
         if not sel:
@@ -297,7 +415,7 @@ def summary(rows: list[dict]) -> dict:
             if full and len(took) >= MIN_CONFIGS_FOR_DEFAULT else None)
     return {"n_configs": len(took), "n_configs_tried": len({r["config"] for r in rows}),
             "best_by_rule": best,
-            "default_method": DEFAULT_METHOD, **worst(DEFAULT_METHOD),
+            "default_method": default, **worst(default),
             "paper": worst("paper"),
             "methods": methods}
 
@@ -323,7 +441,11 @@ def write_markdown(rows: list[dict]) -> None:
              f"configuration(s) where the attack took (of {s['n_configs_tried']} tried) its "
              f"worst DACC {_f(s['dacc_min'])}, FPR {_f(s['fpr_max'])}, FNR "
              f"{_f(s['fnr_max'])}; the paper's method: DACC {_f(s['paper']['dacc_min'])}, "
-             f"FPR {_f(s['paper']['fpr_max'])}, FNR {_f(s['paper']['fnr_max'])}.", "",
+             f"FPR {_f(s['paper']['fpr_max'])}, FNR {_f(s['paper']['fnr_max'])}. "
+             f"CLIP (default `{DEFAULT_CLIP_METHOD}`: CLIP scores one fixed view, so its "
+             f"methods have one draw): {s['clip']['n_configs']} configuration(s) took (of "
+             f"{s['clip']['n_configs_tried']} tried), worst DACC {_f(s['clip']['dacc_min'])}, "
+             f"FPR {_f(s['clip']['fpr_max'])}, FNR {_f(s['clip']['fnr_max'])}.", "",
              "How the default is chosen (the rule was fixed on 2026-11-25 after looking at the "
              "PE-II 10% configuration only, before any other configuration was traced): the "
              "method with the best worst-case DACC over every configuration where the attack "
@@ -346,17 +468,23 @@ def write_markdown(rows: list[dict]) -> None:
              "## Side by side with the paper", "",
              "| config | paper, Table 3 (DACC / FPR / FNR) | paper's method here | "
              f"ffengine default (`{DEFAULT_METHOD}`) here |", "|---|---|---|---|"]
+    clip_configs = {r["config"] for r in rows if r.get("attack") in CLIP_ATTACKS}
     for c in took:
         cells = []
-        for m in ("paper", DEFAULT_METHOD):
+        default = DEFAULT_CLIP_METHOD if c in clip_configs else DEFAULT_METHOD
+        for m in ("paper", default):
             r = by.get((c, m))
             cells.append("n/a" if r is None else
                          f"{r['dacc']:.3f} / {r['fpr']:.3f} / {r['fnr']:.3f} (AUC {r['auc']:.3f})")
-        lines.append(f"| {c} | {PAPER_ROW['dacc']} / {PAPER_ROW['fpr']} / "
-                     f"{PAPER_ROW['fnr']} | {cells[0]} | {cells[1]} |")
+        if default != DEFAULT_METHOD:
+            cells[1] += f" (`{default}`: CLIP)"
+        paper = ("— (the paper's CLIP figures are not on this data)" if c in clip_configs
+                 else f"{PAPER_ROW['dacc']} / {PAPER_ROW['fpr']} / {PAPER_ROW['fnr']}")
+        lines.append(f"| {c} | {paper} | {cells[0]} | {cells[1]} |")
     lines += ["", "## Methods", "", "| method | what it does |", "|---|---|"]
     notes = {"optref": "; x_r optimized from noise (Table 7)",
-             "fc2": "; only head.fc2 scored"}
+             "fc2": "; only head.fc2 scored",
+             "ckpt15": "; 15 checkpoints (every 5 epochs) instead of 5"}
     for name, m in METHODS.items():
         extra = "".join(notes[v] for v, names in ABLATIONS.items() if name in names)
         lines.append(f"| `{name}` | {m.describe()}{extra} |")

@@ -14,7 +14,13 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError, FFEngineError
-from .methods import DEFAULT_METHOD, METHODS, get_method
+from .methods import (
+    DEFAULT_CLIP_METHOD,
+    DEFAULT_METHOD,
+    METHODS,
+    default_method_for,
+    get_method,
+)
 
 
 def _add_attack_args(p: argparse.ArgumentParser) -> None:
@@ -216,7 +222,9 @@ def cmd_trace(a: argparse.Namespace) -> int:
     from .engine.scoring import Engine
     from .trace import trace
 
-    m = get_method(a.method)
+    from .run import Run
+
+    m = get_method(a.method or default_method_for(Run(a.run)))
     ckpts = a.checkpoints or m.checkpoints
     if ckpts not in ("all", "last"):
         ckpts = [int(x) for x in ckpts.split(",")]
@@ -352,9 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--index", required=True)
     q.add_argument("--instance", required=True, nargs="+", help="one or more instance dirs")
     q.add_argument("-o", "--output", required=True)
-    q.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS),
-                   help=f"named scoring method (default {DEFAULT_METHOD}); the four options "
-                        "below override its settings")
+    q.add_argument("--method", default=None, choices=sorted(METHODS),
+                   help=f"named scoring method (default: {DEFAULT_METHOD} for SimCLR runs, "
+                        f"{DEFAULT_CLIP_METHOD} for CLIP runs); the four options below "
+                        "override its settings")
     q.add_argument("--k", type=float, default=None, help="MAD multiplier (paper: 3)")
     q.add_argument("--checkpoints", default=None, help="all, last, or epochs like 15,75")
     q.add_argument("--draws", type=int, default=None, help="augmentation draws per sample")
@@ -391,8 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: pe2 (SimCLR), ct (CLIP)")
     q.add_argument("--workdir", default="ffengine-demo")
     q.add_argument("--method", default=None, choices=sorted(METHODS),
-                   help=f"scoring method (default: {DEFAULT_METHOD} for SimCLR, paper for "
-                        "CLIP, which takes one-draw methods only)")
+                   help=f"scoring method (default: {DEFAULT_METHOD} for SimCLR, "
+                        f"{DEFAULT_CLIP_METHOD} for CLIP, which takes one-draw methods only)")
     q.add_argument("--from-scratch", action="store_true",
                    help="pre-train instead of using the bundled run")
     q.add_argument("--poison-rate", type=float, default=None)

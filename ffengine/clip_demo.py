@@ -25,7 +25,7 @@ from .engine.scoring import Engine
 from .engine.store import instances_digest
 from .errors import ConfigError
 from .evaluate import evaluate
-from .methods import METHODS, get_method
+from .methods import DEFAULT_CLIP_METHOD, METHODS, get_method
 from .models.clip import load_clip_model
 from .pretrain.clip import ClipPretrainConfig, pretrain_clip
 from .trace import trace
@@ -38,7 +38,7 @@ DEFAULT_POISON_RATE = {"ct": 0.05, "corruptencoder": 0.15}
 def run_clip_demo(attack: str = "ct", workdir: str | Path = "ffengine-clip-demo",
                   epochs: int = 30, poison_rate: float | None = None,
                   model: str = "ffclip-vit-tiny", batch_size: int = 256, lr: float = 1e-3,
-                  ckpt_every: int | None = None, method: str = "paper",
+                  ckpt_every: int | None = None, method: str = DEFAULT_CLIP_METHOD,
                   n_train: int | None = None, n_test: int | None = None, seed: int = 0,
                   device: str = "cpu", progress: bool = True) -> dict:
     """Run the whole CLIP traceback on the bundled data; returns metrics and a report.

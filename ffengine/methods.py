@@ -53,6 +53,14 @@ METHODS: dict[str, Method] = {
                               k=6.0),
 }
 DEFAULT_METHOD = "paper"
+# CLIP scores one fixed view of each image, so its default is a one-draw method
+DEFAULT_CLIP_METHOD = "paper"
+
+
+def default_method_for(run) -> str:
+    """The default method for a run (a :class:`ffengine.run.Run`): by its objective."""
+    name = run.manifest.get("objective", {}).get("name")
+    return DEFAULT_CLIP_METHOD if name == "clip_infonce" else DEFAULT_METHOD
 
 
 def get_method(name: str) -> Method:
@@ -63,4 +71,5 @@ def get_method(name: str) -> Method:
                           f"{sorted(METHODS)}.") from None
 
 
-__all__ = ["DEFAULT_METHOD", "METHODS", "Method", "get_method"]
+__all__ = ["DEFAULT_CLIP_METHOD", "DEFAULT_METHOD", "METHODS", "Method", "default_method_for",
+           "get_method"]

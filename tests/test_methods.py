@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from ffengine.errors import ConfigError
-from ffengine.methods import DEFAULT_METHOD, METHODS, get_method
+from ffengine.methods import (
+    DEFAULT_CLIP_METHOD,
+    DEFAULT_METHOD,
+    METHODS,
+    default_method_for,
+    get_method,
+)
 
 
 def test_paper_method_is_eq5_as_written():
@@ -25,3 +31,15 @@ def test_default_method_exists_and_every_method_is_valid():
 def test_unknown_method_says_which_exist():
     with pytest.raises(ConfigError, match="paper"):
         get_method("nope")
+
+
+class _FakeRun:
+    def __init__(self, objective: str):
+        self.manifest = {"objective": {"name": objective}}
+
+
+def test_default_method_follows_the_runs_objective():
+    assert default_method_for(_FakeRun("nt_xent")) == DEFAULT_METHOD
+    assert default_method_for(_FakeRun("clip_infonce")) == DEFAULT_CLIP_METHOD
+    # CLIP scores one fixed view of each image: its default must not ask for more draws
+    assert get_method(DEFAULT_CLIP_METHOD).draws == 1

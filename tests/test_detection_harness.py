@@ -1,0 +1,62 @@
+"""The detection harness's bookkeeping (bench/detection.py): which cached trace each method
+is sliced from, which methods apply to CLIP runs, and the summary rule that picks the
+default method. The runs themselves are benchmarks, not tests."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+detection = pytest.importorskip("detection")
+
+
+def test_every_method_has_a_trace_that_holds_it():
+    for name, m in detection.METHODS.items():
+        ckpts, draws, _ = detection.TRACES[detection.trace_name(name)]
+        assert ckpts == m.checkpoints and draws >= m.draws
+
+
+def test_clip_methods_are_sliced_from_one_draw_traces_only():
+    clip = detection.GRIDS["clip"][0]
+    assert clip.is_clip and not detection.GridConfig().is_clip
+    applicable = [n for n in detection.METHODS if detection.applies(n, clip)]
+    assert "paper" in applicable and "last-max16x5" not in applicable
+    for name in applicable:
+        assert detection.TRACES[detection.trace_name(name, clip=True)][1] == 1
+    # every method applies to a SimCLR configuration
+    assert all(detection.applies(n, detection.GridConfig()) for n in detection.METHODS)
+
+
+def test_config_names_are_unique_across_the_grids():
+    configs = {c for g in detection.GRIDS.values() for c in g}
+    assert len({c.name for c in configs}) == len(configs)
+
+
+def _row(config, method, dacc, took=True, attack="pe2"):
+    return {"config": config, "method": method, "attack": attack, "took": took,
+            "dacc": dacc, "fpr": 1 - dacc, "fnr": 1 - dacc, "auc": dacc}
+
+
+def test_summary_picks_the_best_worst_case_only_with_enough_configurations():
+    rows = [_row("a", "paper", 0.90), _row("a", "last-max16x5", 0.95)]
+    assert detection.summary(rows)["best_by_rule"] is None  # one configuration is not a grid
+    rows += [_row("b", "paper", 0.93), _row("b", "last-max16x5", 0.91),
+             _row("c", "paper", 0.50, took=False), _row("c", "last-max16x5", 0.10, took=False)]
+    s = detection.summary(rows)
+    # worst case over a and b: paper 0.90 vs last-max16x5 0.91; c did not take
+    assert s["best_by_rule"] == "last-max16x5" and s["n_configs"] == 2
+    assert s["n_configs_tried"] == 3 and s["paper"]["dacc_min"] == 0.90
+    # a method missing on one configuration where the attack took is not eligible
+    rows += [_row("a", "last-x5", 0.99)]
+    assert detection.summary(rows)["best_by_rule"] == "last-max16x5"
+
+
+def test_summary_keeps_clip_configurations_apart():
+    rows = [_row("a", "paper", 0.9), _row("b", "paper", 0.8),
+            _row("ct", "paper", 0.2, attack="ct")]
+    s = detection.summary(rows)
+    assert s["n_configs"] == 2 and s["paper"]["dacc_min"] == 0.8
+    assert s["clip"]["n_configs"] == 1 and s["clip"]["paper"]["dacc_min"] == 0.2
