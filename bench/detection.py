@@ -232,22 +232,28 @@ def _trace_order(names: set[str]) -> list[str]:
     return [n for n in TRACES if n in names]
 
 
+def _data_and_run(work: Path, poison, pretrain_fn, pcfg, progress: bool):
+    """The cached poisoned data (``poison(out_dir)`` makes it) and the run (``pretrain_fn``
+    resumes it from its last checkpoint), with the seconds each took in this call."""
+    t0 = time.perf_counter()
+    if not (work / "data" / "truth.json").exists():
+        poison(work / "data")
+    index = SampleIndex(work / "data" / "index")
+    t_data = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    run = Run(work / "run") if _finished(work / "run", pcfg.epochs) else pretrain_fn(
+        index, work / "run", pcfg, command="python " + " ".join(map(shlex.quote, sys.argv)),
+        progress=progress)
+    return index, run, t_data, time.perf_counter() - t0
+
+
 def _prepare_simclr(cfg: GridConfig, work: Path, progress: bool):
     """PoisonedEncoder data, a SimCLR run, the backdoor's strength and the instances."""
     acfg = cfg.attack_config()
-    t0 = time.perf_counter()
-    if not (work / "data" / "truth.json").exists():
-        poison_dataset(demo_index("train"), demo_index("aux"), work / "data", acfg)
-    index = SampleIndex(work / "data" / "index")
-    t_data = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
     pcfg = PretrainConfig(model=cfg.model, epochs=cfg.epochs, ckpt_every=cfg.ckpt_every,
                           seed=cfg.seed)
-    run = Run(work / "run") if _finished(work / "run", cfg.epochs) else pretrain(
-        index, work / "run", pcfg, command="python " + " ".join(map(shlex.quote, sys.argv)),
-        progress=progress)
-    t_run = time.perf_counter() - t0
+    index, run, t_data, t_run = _data_and_run(work, lambda out: poison_dataset(
+        demo_index("train"), demo_index("aux"), out, acfg), pretrain, pcfg, progress)
 
     strength_path = work / "strength.json"
     trig = None
@@ -280,19 +286,10 @@ def _prepare_clip(cfg: GridConfig, work: Path, progress: bool):
     from ffengine.pretrain.clip import ClipPretrainConfig, pretrain_clip
 
     acfg = cfg.clip_attack_config()
-    t0 = time.perf_counter()
-    if not (work / "data" / "truth.json").exists():
-        poison_clip_dataset(demo_index("train"), demo_index("aux"), work / "data", acfg)
-    index = SampleIndex(work / "data" / "index")
-    t_data = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
     pcfg = ClipPretrainConfig(model=cfg.model, epochs=cfg.epochs, ckpt_every=cfg.ckpt_every,
                               seed=cfg.seed)
-    run = Run(work / "run") if _finished(work / "run", cfg.epochs) else pretrain_clip(
-        index, work / "run", pcfg,
-        command="python " + " ".join(map(shlex.quote, sys.argv)), progress=progress)
-    t_run = time.perf_counter() - t0
+    index, run, t_data, t_run = _data_and_run(work, lambda out: poison_clip_dataset(
+        demo_index("train"), demo_index("aux"), out, acfg), pretrain_clip, pcfg, progress)
 
     strength_path, inst_dir = work / "strength.json", work / "instances"
     if not strength_path.exists() or not (inst_dir / "done").exists():
