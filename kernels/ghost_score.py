@@ -129,6 +129,28 @@ def _ghost_score_kernel(
 
 
 @triton.jit
+def _row_gram(rows_ptr, stride_c, N_COLS, row_ok, BLOCK_R: tl.constexpr,
+              BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr):
+    """(BLOCK_R, BLOCK_R) float32 Gram matrix of the rows starting at ``rows_ptr``, over
+    ``N_COLS`` columns in tiles of BLOCK_D; masked rows are zero."""
+    offs = tl.arange(0, BLOCK_D)
+    gram = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
+    for c0 in range(0, N_COLS, BLOCK_D):
+        c = c0 + offs
+        t = tl.load(
+            rows_ptr[:, None] + c[None, :] * stride_c,
+            mask=row_ok[:, None] & (c < N_COLS)[None, :],
+            other=0.0,
+        )
+        if DOT_FP32:
+            t = t.to(tl.float32)
+            gram = tl.dot(t, tl.trans(t), gram, input_precision="ieee")
+        else:
+            gram = tl.dot(t, tl.trans(t), gram)
+    return gram
+
+
+@triton.jit
 def _ghost_sqnorm_kernel(
     h_ptr,
     d_ptr,
@@ -159,34 +181,8 @@ def _ghost_sqnorm_kernel(
     sample64 = sample.to(tl.int64)
     h_rows = h_ptr + sample64 * stride_hb + view * stride_hv
     d_rows = d_ptr + sample64 * stride_db + view * stride_dv
-    offs = tl.arange(0, BLOCK_D)
-
-    hh = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)  # h_r · h_r'
-    for c0 in range(0, D_IN, BLOCK_D):
-        c = c0 + offs
-        t = tl.load(
-            h_rows[:, None] + c[None, :] * stride_hd,
-            mask=row_ok[:, None] & (c < D_IN)[None, :],
-            other=0.0,
-        )
-        if DOT_FP32:
-            t = t.to(tl.float32)
-            hh = tl.dot(t, tl.trans(t), hh, input_precision="ieee")
-        else:
-            hh = tl.dot(t, tl.trans(t), hh)
-    dd = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)  # δ_r · δ_r'
-    for c0 in range(0, D_OUT, BLOCK_D):
-        c = c0 + offs
-        t = tl.load(
-            d_rows[:, None] + c[None, :] * stride_dd,
-            mask=row_ok[:, None] & (c < D_OUT)[None, :],
-            other=0.0,
-        )
-        if DOT_FP32:
-            t = t.to(tl.float32)
-            dd = tl.dot(t, tl.trans(t), dd, input_precision="ieee")
-        else:
-            dd = tl.dot(t, tl.trans(t), dd)
+    hh = _row_gram(h_rows, stride_hd, D_IN, row_ok, BLOCK_R, BLOCK_D, DOT_FP32)  # h_r · h_r'
+    dd = _row_gram(d_rows, stride_dd, D_OUT, row_ok, BLOCK_R, BLOCK_D, DOT_FP32)  # δ_r · δ_r'
 
     if HAS_BIAS:
         hh += 1.0  # ‖Σ_v δ_v‖² = Σ_{v,v'} δ_v·δ_v'
