@@ -160,7 +160,7 @@ GRIDS = {
     "attacks": [_base, replace(_base, attack="pe1")],
     "trigger": [replace(_base, trigger_size=s) for s in (4, 6, 8, 10)]
     + [replace(_base, trigger_location="random"), replace(_base, trigger_shape="triangle"),
-       replace(_base, trigger_shape="logo")],
+       replace(_base, trigger_shape="logo"), replace(_base, trigger_shape="combined")],
     # the multi-modal attacks on CLIP (open_clip ViT-tiny, 30 epochs, a checkpoint every 6):
     # Carlini-Terzis at 5% and CorruptEncoder at 15%, where each took (README, "Measured")
     "clip": [_clip, replace(_clip, attack="corruptencoder", poison_rate=0.15)],

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .attacks.triggers import SHAPES
 from .errors import ConfigError, FFEngineError
 from .methods import (
     DEFAULT_CLIP_METHOD,
@@ -34,7 +35,7 @@ def _add_attack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poison-rate", type=float, default=0.1,
                    help="poisons added, as a fraction of the clean set's size")
     p.add_argument("--trigger-size", type=int, default=8)
-    p.add_argument("--trigger-shape", default="square", choices=["square", "triangle", "logo"])
+    p.add_argument("--trigger-shape", default="square", choices=list(SHAPES))
     p.add_argument("--trigger-colour", default="random",
                    help="'random' (a fixed random-colour pattern), 'r,g,b' or '#rrggbb'")
     p.add_argument("--trigger-location", default="bottom-right",

@@ -63,6 +63,20 @@ def test_logo_mask():
     assert tuple(patch[s // 2, s // 2]) == (0, 0, 200)  # the dot
 
 
+def test_combined_pattern_carries_square_triangle_and_logo_cues():
+    s = 12
+    cfg = TriggerConfig(shape="combined", size=s, seed=2)
+    patch, mask = make_trigger(cfg)
+    square, _ = make_trigger(TriggerConfig(shape="square", size=s, seed=2))
+    ink = make_trigger(TriggerConfig(shape="logo", size=s, colour=(0, 0, 1)))[0] == (0, 0, 1)
+    ink = ink.all(axis=2)
+    upper = np.triu(np.ones((s, s), dtype=bool), 1)  # the triangle's complement
+    assert mask.all() and ink.any()
+    np.testing.assert_array_equal(patch[ink], 255)
+    np.testing.assert_array_equal(patch[~ink & ~upper], square[~ink & ~upper])
+    np.testing.assert_array_equal(patch[~ink & upper], 255 - square[~ink & upper])
+
+
 def test_random_colour_pattern_is_fixed_by_the_seed():
     a, _ = make_trigger(TriggerConfig(size=6, seed=3))
     b, _ = make_trigger(TriggerConfig(size=6, seed=3))
@@ -72,7 +86,7 @@ def test_random_colour_pattern_is_fixed_by_the_seed():
     assert len(np.unique(a.reshape(-1, 3), axis=0)) > 1  # a pattern, not one colour
 
 
-@pytest.mark.parametrize("shape", ["square", "triangle", "logo"])
+@pytest.mark.parametrize("shape", ["square", "triangle", "logo", "combined"])
 @pytest.mark.parametrize(("corner", "ys", "xs"), [
     ("bottom-right", slice(20 - 5, 20), slice(27 - 5, 27)),
     ("bottom-left", slice(20 - 5, 20), slice(0, 5)),

@@ -1,5 +1,5 @@
-"""Backdoor triggers: square patches (PE-II's), and triangle and image-logo patterns for
-adaptive attacks. A trigger is a (s, s, 3) uint8 patch with a (s, s) boolean mask; stamping
+"""Backdoor triggers: square patches (PE-II's), and triangle, image-logo and combined
+patterns for adaptive attacks. A trigger is a (s, s, 3) uint8 patch with a (s, s) boolean mask; stamping
 writes the masked pixels into an image."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import ConfigError
 
 CORNERS = ("bottom-right", "bottom-left", "top-right", "top-left")
-SHAPES = ("square", "triangle", "logo")
+SHAPES = ("square", "triangle", "logo", "combined")
 
 
 @dataclass(frozen=True)
@@ -78,13 +78,26 @@ def make_trigger(cfg: TriggerConfig) -> tuple[np.ndarray, np.ndarray]:
         mask = np.ones((s, s), dtype=bool)
     elif cfg.shape == "triangle":  # right triangle, right angle at the bottom-left
         mask = xx <= yy
-    else:  # "logo": a ring around a dot, drawn in the patch colours on a white field
-        c = (s - 1) / 2
-        r = np.hypot(yy - c, xx - c)
-        ink = (np.abs(r - 0.75 * c) <= max(0.5, 0.2 * c)) | (r <= 0.3 * c + 0.5)
+    elif cfg.shape == "logo":  # a ring around a dot, drawn in the patch colours on white
+        ink, disc = _logo(s)
         patch = np.where(ink[..., None], patch, np.uint8(255)).astype(np.uint8)
-        mask = r <= c + 0.5
+        mask = disc
+    else:  # "combined": all three cues in one square patch: the square's colours, their
+        # inverse on the triangle's complement (the upper-right half) and the logo's ink white
+        ink, _ = _logo(s)
+        patch = np.where((xx > yy)[..., None], 255 - patch, patch)
+        patch = np.where(ink[..., None], np.uint8(255), patch).astype(np.uint8)
+        mask = np.ones((s, s), dtype=bool)
     return patch, mask
+
+
+def _logo(s: int) -> tuple[np.ndarray, np.ndarray]:
+    """The logo's (s, s) ink (a ring around a dot) and its disc."""
+    yy, xx = np.mgrid[0:s, 0:s]
+    c = (s - 1) / 2
+    r = np.hypot(yy - c, xx - c)
+    ink = (np.abs(r - 0.75 * c) <= max(0.5, 0.2 * c)) | (r <= 0.3 * c + 0.5)
+    return ink, r <= c + 0.5
 
 
 def trigger_position(cfg: TriggerConfig, h: int, w: int,
