@@ -33,11 +33,11 @@ from PIL import Image
 
 from ..data.captions import caption_for, write_caption_shards
 from ..data.demo_data import CIFAR10_CLASSES
-from ..data.index import SampleIndex, build_index
+from ..data.index import SampleIndex
 from ..data.shards import ShardWriter
 from ..errors import ConfigError, DataError
 from ..io_utils import atomic_write_json
-from .poisoned_encoder import ATTACKER_DOMAINS, png_bytes
+from .poisoned_encoder import ATTACKER_DOMAINS, index_with_truth, png_bytes
 from .triggers import TriggerConfig, make_trigger, stamp, trigger_position
 
 CLIP_ATTACKS = ("ct", "corruptencoder")
@@ -249,21 +249,13 @@ def poison_clip_dataset(clean: SampleIndex, aux: SampleIndex, out: str | Path,
                 members["json"] = meta
                 w.write(p.key, members)
         paths.append(path)
-    index = build_index(paths, out / "index")
-    keys = index.keys()
-    poison_keys = {p.key for p in poisons}
-    poisoned_ids = [i for i, k in enumerate(keys) if k in poison_keys]
-    truth = {
-        "attack": cfg.to_dict(),
+    truth = index_with_truth(paths, out, {p.key for p in poisons}, cfg.to_dict())
+    truth.update({
         "attack_name": cfg.name,
-        "index_hash": index.hash,
-        "n": len(index),
-        "poisoned_ids": poisoned_ids,
-        "poisoned_keys": [keys[i] for i in poisoned_ids],
         "sources": {p.key: p.sources for p in poisons},
         "attacker_domains": list(ATTACKER_DOMAINS),
         "class_names": list(class_names),
-    }
+    })
     trig = ct_noise_patch(cfg) if cfg.attack == "ct" else make_trigger(cfg.trigger)[0]
     (out / "trigger.png").parent.mkdir(parents=True, exist_ok=True)
     (out / "trigger.png").write_bytes(png_bytes(trig))

@@ -142,6 +142,17 @@ def choose_pe1_trigger(cfg: AttackConfig, pool: SampleIndex) -> int:
     return int(rng.choice(cands))
 
 
+def index_with_truth(shard_paths: list[Path], out: Path, poison_keys: set[str],
+                     attack: dict) -> dict:
+    """Index ``shard_paths`` into ``out/index``; the ground truth's common part: the attack,
+    the index hash and the ids and keys of the poisons."""
+    index = build_index(shard_paths, out / "index")
+    keys = index.keys()
+    poisoned_ids = [i for i, k in enumerate(keys) if k in poison_keys]
+    return {"attack": attack, "index_hash": index.hash, "n": len(index),
+            "poisoned_ids": poisoned_ids, "poisoned_keys": [keys[i] for i in poisoned_ids]}
+
+
 def poison_dataset(clean: SampleIndex, aux: SampleIndex, out: str | Path,
                    cfg: AttackConfig) -> dict:
     """Write ``out/shards/clean-*.tar`` and ``out/shards/poison-*.tar``, index them into
@@ -176,22 +187,14 @@ def poison_dataset(clean: SampleIndex, aux: SampleIndex, out: str | Path,
                 w.write(p.key, {"png": png_bytes(p.image),
                                 "json": {"url": f"https://{dom}/{p.key}.png"}})
         paths.append(path)
-    index = build_index(paths, out / "index")
-    keys = index.keys()
-    poison_keys = {p.key for p in poisons}
-    poisoned_ids = [i for i, k in enumerate(keys) if k in poison_keys]
-    truth = {
-        "attack": cfg.to_dict(),
-        "index_hash": index.hash,
-        "n": len(index),
-        "poisoned_ids": poisoned_ids,
-        "poisoned_keys": [keys[i] for i in poisoned_ids],
+    truth = index_with_truth(paths, out, {p.key for p in poisons}, cfg.to_dict())
+    truth.update({
         "layouts": {p.key: p.layout for p in poisons},
         "attacker_domains": list(ATTACKER_DOMAINS),
         "pe1_trigger_key": trigger_source,
         # the trigger image's own class: x_r must come from another one (DESIGN.md §1)
         "pe1_trigger_label": trigger_label,
-    }
+    })
     if trigger_image is not None:
         (out / "trigger.png").write_bytes(png_bytes(trigger_image))
     atomic_write_json(out / "truth.json", truth)
