@@ -410,11 +410,12 @@ def _summary(rows: list[dict], default: str) -> dict:
     full = {m: w for m, w in methods.items() if w["n_configs"] == len(took) and took}
     best = (max(full, key=lambda m: full[m]["dacc_min"])
             if full and len(took) >= MIN_CONFIGS_FOR_DEFAULT else None)
-    return {"n_configs": len(took), "n_configs_tried": len({r["config"] for r in rows}),
-            "best_by_rule": best,
-            "default_method": default, **worst(default),
-            "paper": worst("paper"),
-            "methods": methods}
+    own = worst(default)
+    # the default's worst case at the top level; its own configuration count apart, so that
+    # it cannot overwrite the number of configurations where the attack took
+    return {**own, "default_n_configs": own["n_configs"], "n_configs": len(took),
+            "n_configs_tried": len({r["config"] for r in rows}), "best_by_rule": best,
+            "default_method": default, "paper": worst("paper"), "methods": methods}
 
 
 # The paper's CIFAR-10 figures for the PoisonedEncoder attacks (FoundationForensics, Table 3:

@@ -52,7 +52,10 @@ METHODS: dict[str, Method] = {
     "last-max16x5-k6": Method(checkpoints="last", draws=16, aggregate="max", instances=5,
                               k=6.0),
 }
-DEFAULT_METHOD = "paper"
+# chosen by the harness's rule (best worst-case DACC over the configurations where the attack
+# took, docs/RESULTS.md) on 3 PE-II 10% runs (seeds 0, 1, 2): worst DACC 0.935, FPR 0.037,
+# FNR 0.526, AUC 0.958, against the paper's 0.885, 0.065, 0.716, 0.772
+DEFAULT_METHOD = "last-max16x5-k6"
 # CLIP scores one fixed view of each image, so its default is a one-draw method
 DEFAULT_CLIP_METHOD = "paper"
 

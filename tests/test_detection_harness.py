@@ -49,6 +49,11 @@ def test_summary_picks_the_best_worst_case_only_with_enough_configurations():
     # worst case over a and b: paper 0.90 vs last-max16x5 0.91; c did not take
     assert s["best_by_rule"] == "last-max16x5" and s["n_configs"] == 2
     assert s["n_configs_tried"] == 3 and s["paper"]["dacc_min"] == 0.90
+    # the default method's worst case is reported even where it was not measured everywhere
+    s = detection._summary(rows, "last-max16x5")
+    assert s["n_configs"] == 2 and s["default_n_configs"] == 2 and s["dacc_min"] == 0.91
+    s = detection._summary(rows, "last-x5")
+    assert s["n_configs"] == 2 and s["default_n_configs"] == 0 and s["dacc_min"] is None
     # a method missing on one configuration where the attack took is not eligible
     rows += [_row("a", "last-x5", 0.99)]
     assert detection.summary(rows)["best_by_rule"] == "last-max16x5"
