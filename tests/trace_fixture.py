@@ -76,7 +76,8 @@ def trace_args(setup: dict, out: Path, *extra: str) -> list[str]:
     root = setup["root"]
     return ["trace", "--run", str(root / "run"), "--index", str(root / "index"),
             "--instance", str(root / "instance"), "-o", str(out), "--batch-size", "4",
-            "--chunk-batches", "1", "--draws", "2", "--quiet", "--json", *extra]
+            "--chunk-batches", "1", "--method", "paper", "--draws", "2", "--quiet", "--json",
+            *extra]
 
 
 RESULT_ARRAYS = ("terms.npy", "scores.npy", "detection_scores.npy", "flagged.npy")
