@@ -1,6 +1,6 @@
 """Backdoor triggers: square patches (PE-II's), and triangle, image-logo and combined
-patterns for adaptive attacks. A trigger is a (s, s, 3) uint8 patch with a (s, s) boolean mask; stamping
-writes the masked pixels into an image."""
+patterns for adaptive attacks. A trigger is a (s, s, 3) uint8 patch with a (s, s) boolean
+mask; stamping writes the masked pixels into an image."""
 
 from __future__ import annotations
 
