@@ -99,13 +99,17 @@ class GridConfig:
                             poison_rate=self.poison_rate, trigger=trig, seed=self.seed)
 
 
+def _variant(method: str) -> str:
+    """The ablation (ABLATIONS key) a method belongs to, "" for none."""
+    return next((v for v, names in ABLATIONS.items() if method in names), "")
+
+
 def trace_name(method: str, clip: bool = False) -> str:
     """The cached trace whose terms hold this method's: per-(checkpoint, draw, instance)
     terms do not depend on which others are scored beside them, to float32 rounding
     (tests/test_pipeline.py, ``test_terms_do_not_depend_on_the_other_options``), so every
     method is a slice of one trace. CLIP runs have one-draw traces only."""
-    m = METHODS[method]
-    variant = next((v for v, names in ABLATIONS.items() if method in names), "")
+    m, variant = METHODS[method], _variant(method)
     for name, (ckpts, draws, var) in TRACES.items():
         if (var == variant and ckpts == m.checkpoints and m.draws <= draws
                 and (draws == 1 or not clip)):
@@ -221,9 +225,7 @@ def applies(method: str, cfg: GridConfig) -> bool:
     each image, and its runs have neither 15 checkpoints nor a SimCLR head."""
     if not cfg.is_clip:
         return True
-    m = METHODS[method]
-    variant = next((v for v, names in ABLATIONS.items() if method in names), "")
-    return m.draws == 1 and variant == ""
+    return METHODS[method].draws == 1 and _variant(method) == ""
 
 
 def _trace_order(names: set[str]) -> list[str]:
@@ -255,25 +257,33 @@ def _prepare_simclr(cfg: GridConfig, work: Path, progress: bool):
     index, run, t_data, t_run = _data_and_run(work, lambda out: poison_dataset(
         demo_index("train"), demo_index("aux"), out, acfg), pretrain, pcfg, progress)
 
-    strength_path = work / "strength.json"
-    trig = None
-    if (work / "data" / "trigger.png").exists():
-        from PIL import Image
+    def measure():
+        trig = None
+        if (work / "data" / "trigger.png").exists():
+            from PIL import Image
 
-        trig = np.array(Image.open(work / "data" / "trigger.png").convert("RGB"))
-    inst_dir = work / "instances"
-    if not strength_path.exists() or not (inst_dir / "done").exists():
+            trig = np.array(Image.open(work / "data" / "trigger.png").convert("RGB"))
         model = run.load_model(run.checkpoints[-1])
         bank, test = demo_index("train"), demo_index("test")
         knn = knn_bank(model, bank)
-        strength = backdoor_strength(model, acfg, bank, test, trig, knn=knn)
         truth = load_truth(work / "data")
-        found = find_instances(model, acfg, bank, test, trig, N_INSTANCES, knn=knn,
-                               trigger_label=truth.get("pe1_trigger_label"))
+        return (backdoor_strength(model, acfg, bank, test, trig, knn=knn),
+                find_instances(model, acfg, bank, test, trig, N_INSTANCES, knn=knn,
+                               trigger_label=truth.get("pe1_trigger_label")))
+
+    return index, run, _cached_strength_and_instances(work, measure), t_data, t_run
+
+
+def _cached_strength_and_instances(work: Path, measure) -> dict:
+    """The backdoor's strength; ``measure()`` -> (strength, instances) runs only when
+    ``work`` does not hold both yet (the instances go to ``work/instances``)."""
+    strength_path, inst_dir = work / "strength.json", work / "instances"
+    if not strength_path.exists() or not (inst_dir / "done").exists():
+        strength, found = measure()
         save_instances(found, inst_dir)
         atomic_write_json(strength_path, strength)
         atomic_write_bytes(inst_dir / "done", b"")
-    return index, run, json.loads(strength_path.read_text()), t_data, t_run
+    return json.loads(strength_path.read_text())
 
 
 def _prepare_clip(cfg: GridConfig, work: Path, progress: bool):
@@ -291,16 +301,13 @@ def _prepare_clip(cfg: GridConfig, work: Path, progress: bool):
     index, run, t_data, t_run = _data_and_run(work, lambda out: poison_clip_dataset(
         demo_index("train"), demo_index("aux"), out, acfg), pretrain_clip, pcfg, progress)
 
-    strength_path, inst_dir = work / "strength.json", work / "instances"
-    if not strength_path.exists() or not (inst_dir / "done").exists():
+    def measure():
         model = load_clip_model(run, run.checkpoints[-1], "cpu")
         test = demo_index("test")
-        strength = clip_backdoor_strength(model, acfg, test, CIFAR10_CLASSES)
-        found = find_clip_instances(model, acfg, test, CIFAR10_CLASSES, N_INSTANCES)
-        save_instances(found, inst_dir)
-        atomic_write_json(strength_path, strength)
-        atomic_write_bytes(inst_dir / "done", b"")
-    return index, run, json.loads(strength_path.read_text()), t_data, t_run
+        return (clip_backdoor_strength(model, acfg, test, CIFAR10_CLASSES),
+                find_clip_instances(model, acfg, test, CIFAR10_CLASSES, N_INSTANCES))
+
+    return index, run, _cached_strength_and_instances(work, measure), t_data, t_run
 
 
 def _checkpoint_epochs(run: Run, ckpts: str, variant: str,
@@ -489,7 +496,7 @@ def write_markdown(rows: list[dict]) -> None:
              "fc2": "; only head.fc2 scored",
              "ckpt15": "; 15 checkpoints (every 5 epochs) instead of 5"}
     for name, m in METHODS.items():
-        extra = "".join(notes[v] for v, names in ABLATIONS.items() if name in names)
+        extra = notes.get(_variant(name), "")
         lines.append(f"| `{name}` | {m.describe()}{extra} |")
     lines += ["", "## Worst case per method over the configurations where the attack took", "",
               "| method | configs | worst DACC | worst FPR | worst FNR | worst AUC |",
