@@ -152,6 +152,7 @@ setup(
         "tqdm",
         "matplotlib",
         "open_clip_torch",
+        "scipy",  # the domain-level binomial test (ffengine.detect.domains)
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],

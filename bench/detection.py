@@ -45,6 +45,7 @@ from ffengine.methods import DEFAULT_CLIP_METHOD, DEFAULT_METHOD, Method
 from ffengine.methods import METHODS as PRODUCT_METHODS
 from ffengine.metrics import detection_metrics
 from ffengine.pretrain.simclr import PretrainConfig, pretrain
+from ffengine.report import domain_table
 from ffengine.run import Run
 from ffengine.trace import trace
 
@@ -210,7 +211,8 @@ def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool)
         m = METHODS[name]
         tname = trace_name(name, cfg.is_clip)
         terms = np.load(work / "traces" / f"v2-{tname}" / "terms.npy", mmap_mode="r")
-        metrics = method_metrics(terms, m, truth, index.labels, cfg.target_class)
+        metrics = method_metrics(terms, m, truth, index.labels, cfg.target_class,
+                                 domains=(index.domains, index.domain_names))
         rows.append({"config": cfg.name, **asdict(cfg), "method": name, **asdict(m),
                      **strength, "took": took, **metrics,
                      "x_b": instances[0].meta.get("x_b_source"),
@@ -337,7 +339,7 @@ def _optimized_instances(run: Run, instances: list, out: Path) -> tuple[list, li
 
 
 def method_metrics(terms: np.ndarray, m: Method, truth: dict, labels: np.ndarray,
-                   target: int) -> dict:
+                   target: int, domains: tuple[np.ndarray, list[str]] | None = None) -> dict:
     """A method's detection scores and metrics from a trace's (T, D, n, K) terms: the same
     aggregation ``Engine`` and ``trace`` apply (sum over checkpoints, ``aggregate`` over
     draws, mean over instances, MAD rule with ``k``). ``fpr_target`` / ``fpr_other``: the
@@ -350,7 +352,23 @@ def method_metrics(terms: np.ndarray, m: Method, truth: dict, labels: np.ndarray
     return {"dacc": d["DACC"], "fpr": d["FPR"], "fnr": d["FNR"], "auc": d["ROC_AUC"],
             "fnr_at_fpr_1pct": d["FNR_at_FPR_1pct"], "n": d["n"],
             "n_poisoned": d["n_poisoned"], "n_flagged": d["n_flagged"], "tp": d["tp"],
-            "fp": d["fp"], "n_instances": k_used, **_fpr_by_class(flagged, truth, labels, target)}
+            "fp": d["fp"], "n_instances": k_used, **_fpr_by_class(flagged, truth, labels, target),
+            **(_domain_verdict(flagged, truth, *domains) if domains is not None else {})}
+
+
+def _domain_verdict(flagged: np.ndarray, truth: dict, domain_ids: np.ndarray,
+                    domain_names: list[str]) -> dict:
+    """The domain-level verdict (``ffengine.report.domain_table``, what ``trace`` writes to
+    domains.txt): how many of the attacker's domains and of the benign ones it calls
+    suspicious."""
+    rows = domain_table(flagged, domain_ids, domain_names)
+    attacker = set(truth.get("attacker_domains") or ())
+    return {"domains_attacker": len(attacker),
+            "domains_attacker_flagged": sum(r["suspicious"] for r in rows
+                                            if r["domain"] in attacker),
+            "domains_benign": sum(r["domain"] not in attacker for r in rows),
+            "domains_benign_flagged": sum(r["suspicious"] for r in rows
+                                          if r["domain"] not in attacker)}
 
 
 def _fpr_by_class(flagged: np.ndarray, truth: dict, labels: np.ndarray, target: int) -> dict:
@@ -429,6 +447,51 @@ def _summary(rows: list[dict], default: str) -> dict:
 # all checkpoints, MAD k = 3), as ranges over its PE-I / PE-II rows.
 PAPER_ROW = {"dacc": "0.998–1.000", "fpr": "0.000–0.005", "fnr": "0.000–0.040"}
 
+# What limits detection here, and what was measured against it (the experiments are in
+# bench/experiments/, each re-runnable on the cached runs; figures from 2026-12-02 and earlier)
+WHY_NOT_REACHED = [
+    "## Why the paper's figures are not reached here", "",
+    "1. **Crops.** A PoisonedEncoder poison raises the cosine only in augmentation draws whose "
+    "two views fall on different halves of it, so one draw misses most poisons; the maximum "
+    "over 16 draws recovers them (compare `paper`, `last-mean16` and `last-max16`).",
+    "2. **Clean target-class images are the false positives.** Once `x_b` sits in the target "
+    "cluster, training on clean target-class images raises cos(x_b, x_r) too (FPR target vs "
+    "other in the last table). Here the target class is 10% of the clean data (500 images), "
+    "so these false positives weigh in FPR ten times more than a class holding 1% would.",
+    "3. **Early checkpoints add noise.** With one draw, poisons against clean trucks separate "
+    "best at the final checkpoint and worse the earlier the checkpoint (seed 2, AUC 0.53 at "
+    "epoch 5, 0.64 at 45, 0.72 at 60, 0.81 at 75); summing the last 2–6 checkpoints gives "
+    "0.75–0.80.",
+    "", "What this leaves: on seeds 1 and 2 (final checkpoint, max over draws, 5 instances) "
+    "the best threshold anyone could pick with the labels in hand gives DACC 0.937 and 0.973; "
+    "`last-max16x5-k6`'s MAD threshold gives 0.935 and 0.964. So the threshold is not what "
+    "limits DACC; the ranking of poisons against clean target-class images is (AUC poisons "
+    "vs clean trucks 0.757 and 0.948). More draws saturate: from 8 to 16 that best-threshold "
+    "DACC moves 0.935 → 0.937 and 0.970 → 0.973.",
+    "", "Tried against (2), none of which helps across configurations:",
+    "* an optimized random reference (Table 7) and scoring only head.fc2 (rows above);",
+    "* a one-sided cosine gradient holding x_r's head output fixed (only x_b moves; "
+    "`bench/experiments/one_sided_cosine.py`, the demo's run, max over 8 draws): AUC 0.871 "
+    "against 0.976; clean-truck FPR at k = 6 0.047 against 0.256 but FNR 0.870: the poisons "
+    "raise the cosine largely by moving x_r, a truck, towards x_b too;",
+    "* control pairs scored in the same pass (`bench/experiments/control_pairs.py`, final "
+    "checkpoint, 8 draws, 5 instances), each term divided by its cosine gradient's norm and "
+    "the control subtracted per draw, before the max: against `x_b` without its trigger, AUC "
+    "0.959 against 0.947 on seed 1 but 0.888 against 0.989 on seed 2; against the clean "
+    "truck nearest `x_b` (a pair already inside the target cluster), the clean-truck false "
+    "positives vanish (FPR target 0.002 at k = 6 on seed 1) and so do the poisons (AUC 0.631 "
+    "on seed 1, 0.819 on seed 2): a poison's straddling draw moves the target cluster as a "
+    "whole, which is what a clean truck does.",
+    "", "**CLIP.** On Carlini-Terzis 5% the clean truck/\"truck\" pairs outscore the poisons "
+    "(final checkpoint, 5 instances: AUC of poisons against clean target-class pairs 0.06), "
+    "so every sample-level method misses nearly all poisons at a usable FPR (FNR at 1% FPR "
+    "1.0). `bench/experiments/clip_variants.py` measured one-sided gradients (only x_b's "
+    "embedding moves: clean-truck FPR 0.018 but AUC 0.771 and other-class FPs 8.6%; only "
+    "x_r's: AUC 0.371), the untriggered-`x_b` control (AUC 0.789) and the one-sided "
+    "difference of the two (AUC 0.229): none separates the poisons. The attack's domains do "
+    "stand out at the domain level (last column of the side-by-side table).",
+]
+
 
 def write_markdown(rows: list[dict]) -> None:
     s = summary(rows)
@@ -460,24 +523,16 @@ def write_markdown(rows: list[dict]) -> None:
                           if s["best_by_rule"] else
                           f"The cached results hold {s['n_configs']} such configuration(s), so "
                           "the default stays the paper's method."), "",
-             "Why the paper's figures are not reached here: (1) a PoisonedEncoder poison "
-             "raises the cosine only in augmentation draws whose two views fall on different "
-             "halves of it, so one draw misses most poisons (the maximum over 16 draws "
-             "recovers them: compare `paper`, `last-mean16` and `last-max16`); (2) once "
-             "`x_b` sits in the target-class cluster, training on clean target-class "
-             "images raises cos(x_b, x_r) as well, "
-             "so they are the false positives (FPR among clean trucks vs other clean images "
-             "in the last table); (3) scores summed over checkpoints let the early ones, "
-             "from before the backdoor formed, add noise. The optimized random reference "
-             "(Table 7) and scoring only head.fc2 do not remove (2); neither does a one-sided "
-             "cosine gradient that holds x_r's head output fixed, so that only x_b moves "
-             "(`bench/experiments/one_sided_cosine.py`, the demo's run, final checkpoint, max "
-             "over 8 draws, 5 instances: AUC 0.871 against 0.976 two-sided; FPR among clean "
-             "trucks at MAD k = 6 0.047 against 0.256, but FNR 0.870 against 0.168: the "
-             "poisons raise the cosine largely by moving x_r, a truck, towards x_b too).", "",
+             "Why the paper's figures are not reached here, and what was tried: see the last "
+             "section. At the domain level (the verdict `ffengine trace` writes to "
+             "domains.txt: a binomial test of each domain's flag count against the other "
+             "domains' rate, Bonferroni-corrected, and a rate at least twice theirs) the "
+             "last column of the side-by-side table counts the attacker's domains found and "
+             "the benign domains called suspicious.", "",
              "## Side by side with the paper", "",
              "| config | paper, Table 3 (DACC / FPR / FNR) | paper's method here | "
-             f"ffengine default (`{DEFAULT_METHOD}`) here |", "|---|---|---|---|"]
+             f"ffengine default (`{DEFAULT_METHOD}`) here | domains: attacker found, benign "
+             "flagged (paper's / default) |", "|---|---|---|---|---|"]
     clip_configs = {r["config"] for r in rows if r.get("attack") in CLIP_ATTACKS}
     for c in took:
         cells = []
@@ -490,7 +545,8 @@ def write_markdown(rows: list[dict]) -> None:
             cells[1] += f" (`{default}`: CLIP)"
         paper = ("— (the paper's CLIP figures are not on this data)" if c in clip_configs
                  else f"{PAPER_ROW['dacc']} / {PAPER_ROW['fpr']} / {PAPER_ROW['fnr']}")
-        lines.append(f"| {c} | {paper} | {cells[0]} | {cells[1]} |")
+        doms = " / ".join(_domains_cell(by.get((c, m))) for m in ("paper", default))
+        lines.append(f"| {c} | {paper} | {cells[0]} | {cells[1]} | {doms} |")
     lines += ["", "## Methods", "", "| method | what it does |", "|---|---|"]
     notes = {"optref": "; x_r optimized from noise (Table 7)",
              "fc2": "; only head.fc2 scored",
@@ -510,8 +566,8 @@ def write_markdown(rows: list[dict]) -> None:
               "FPR target / other: the false-positive rate among clean images of the target "
               "class / of the other classes.", "",
               "| config | method | ASR | ASR untrig. | took | DACC | FPR | FNR | AUC | "
-              "FNR@1%FPR | FPR target | FPR other | flagged | pretrain s | trace s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "FNR@1%FPR | FPR target | FPR other | flagged | domains | pretrain s | trace s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(METHODS)}
     for r in sorted(rows, key=lambda r: (r["config"], order.get(r["method"], 99))):
         lines.append(
@@ -519,10 +575,12 @@ def write_markdown(rows: list[dict]) -> None:
             f"{'yes' if r['took'] else 'no'} | {r['dacc']:.4f} | {r['fpr']:.4f} | "
             f"{r['fnr']:.4f} | {r['auc']:.4f} | {r['fnr_at_fpr_1pct']:.4f} | "
             f"{_f(r.get('fpr_target'))} | {_f(r.get('fpr_other'))} | {r['n_flagged']} | "
-            f"{r['pretrain_s']} | {r['trace_s']} |")
+            f"{_domains_cell(r)} | {r['pretrain_s']} | {r['trace_s']} |")
     lines += ["", "Times are this command's own: 0 where it reused a cached run, and the "
-              "trace time is that of the shared trace the method was sliced from.", "",
-              "Commands:", ""]
+              "trace time is that of the shared trace the method was sliced from. Domains: "
+              "attacker domains called suspicious / all attacker domains, then benign domains "
+              "called suspicious / all benign ones (— where the row predates the verdict).",
+              "", *WHY_NOT_REACHED, "", "Commands:", ""]
     for cmd in sorted({r["command"] for r in rows}):
         lines.append(f"* `{cmd}`")
     RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)
@@ -531,6 +589,13 @@ def write_markdown(rows: list[dict]) -> None:
 
 def _f(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
+
+
+def _domains_cell(r: dict | None) -> str:
+    if r is None or "domains_attacker" not in r:
+        return "—"
+    return (f"{r['domains_attacker_flagged']}/{r['domains_attacker']}, "
+            f"{r['domains_benign_flagged']}/{r['domains_benign']}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,6 +100,7 @@ def run_clip_demo(attack: str = "ct", workdir: str | Path = "ffengine-clip-demo"
               "backdoor_took_on_x_b": inst.meta["backdoor_took_on_x_b"],
               "top_domain": (summary["top_domains"][0]["domain"]
                              if summary["top_domains"] else None),
+              "suspicious_domains": summary.get("suspicious_domains"),  # None: an older trace
               **{name: round(v, 1) for name, v in timings.items()}}
     rows_text = (trace_dir / "domains.txt").read_text().rstrip()
     result["report"] = "\n".join([

@@ -108,6 +108,7 @@ def run_demo(attack: str = "pe2", workdir: str | Path = "ffengine-demo",
            "trace": str(trace_dir),
            "x_b": inst.meta["x_b_source"], "x_r": inst.meta["x_r_source"],
            "top_domain": summary["top_domains"][0]["domain"] if summary["top_domains"] else None,
+           "suspicious_domains": summary.get("suspicious_domains"),  # None: an older trace
            **{k: round(v, 1) for k, v in timings.items()}}
     domains = (trace_dir / "domains.txt").read_text().rstrip()
     res["report"] = "\n".join([

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ffengine.detect.domains import domain_suspicion
 from ffengine.errors import ConfigError, DataError
 from ffengine.io_utils import atomic_write_bytes
 
@@ -119,13 +120,18 @@ def domain_table(
     flagged_ids: Sequence[int] | np.ndarray,
     domain_ids: Sequence[int] | np.ndarray,
     domain_names: Sequence[str] | Mapping[int, str],
+    alpha: float = 0.01,
+    min_ratio: float = 2.0,
 ) -> list[dict[str, Any]]:
-    """Per-domain flag counts, most suspicious first.
+    """Per-domain flag counts and the domain-level verdict, most suspicious first.
 
     ``domain_ids`` (shape ``(n,)``) gives each sample's domain index into ``domain_names``.
-    Rows ``{"domain", "flagged", "total", "rate"}`` (``rate = flagged / total``) for every
-    domain with at least one sample, sorted by flagged count, then rate (both descending),
-    then name.
+    Rows ``{"domain", "flagged", "total", "rate", "ratio", "p_value", "suspicious"}``
+    (``rate = flagged / total``; ``ratio``, ``p_value`` and ``suspicious``: the binomial test
+    of :func:`ffengine.detect.domains.domain_suspicion` against the other domains' flag rate)
+    for every domain with at least one sample, sorted suspicious first, then by p-value
+    (ascending), rate (descending) and name. A p-value, not a count, orders the table: a
+    large benign domain collects many false positives by its size alone.
     """
     dom = np.asarray(domain_ids)
     if dom.ndim != 1 or (dom.size and dom.dtype.kind not in "iu"):
@@ -149,20 +155,26 @@ def domain_table(
         flagged = np.zeros(0, np.int64)
     totals = np.bincount(dom, minlength=n_dom)
     hits = np.bincount(dom[flagged], minlength=n_dom)
+    test = domain_suspicion(hits, totals, alpha, min_ratio)
     rows = [
         {"domain": str(names[d]), "flagged": int(hits[d]), "total": int(totals[d]),
-         "rate": float(hits[d] / totals[d])}
+         "rate": float(hits[d] / totals[d]), "ratio": float(test["ratio"][d]),
+         "p_value": float(test["p_value"][d]), "suspicious": bool(test["suspicious"][d])}
         for d in sorted(names) if totals[d] > 0
     ]
-    rows.sort(key=lambda r: (-r["flagged"], -r["rate"], r["domain"]))
+    rows.sort(key=lambda r: (not r["suspicious"], r["p_value"], -r["rate"], r["domain"]))
     return rows
 
 
 def format_domain_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Fixed-width text table of :func:`domain_table` rows (rate as a percentage)."""
-    header = ("domain", "flagged", "total", "rate")
+    """Fixed-width text table of :func:`domain_table` rows (rate as a percentage; ``×others``:
+    the rate over the other domains' rate; ``p``: the binomial test's p-value; ``verdict``:
+    ``SUSPICIOUS`` or ``-``)."""
+    header = ("domain", "flagged", "total", "rate", "×others", "p", "verdict")
     cells = [(str(r["domain"]), str(int(r["flagged"])), str(int(r["total"])),
-              f"{100.0 * float(r['rate']):.2f}%") for r in rows]
+              f"{100.0 * float(r['rate']):.2f}%", f"{float(r['ratio']):.2f}",
+              f"{float(r['p_value']):.1e}", "SUSPICIOUS" if r["suspicious"] else "-")
+             for r in rows]
     widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(header)]
 
     def line(c: Sequence[str]) -> str:

@@ -8,9 +8,11 @@ A finished result directory holds::
     terms.npy              (T, D, n, K) float32: per-checkpoint, per-draw terms
     detection_scores.npy   (n,) float32: the score the MAD rule reads (mean over instances)
     flagged.npy            int64 ids above median + k·MAD
-    domains.json / .txt    flagged / total per source domain, most suspicious first
+    domains.json / .txt    flagged / total per source domain and the domain-level verdict
+                           (a binomial test against the other domains), suspicious first
     scores.png             score distribution with the threshold
-    summary.json           counts, threshold, backend, skipped samples; written last
+    summary.json           counts, threshold, backend, skipped samples, suspicious
+                           domains; written last
 
 Resumable: the work is split into (checkpoint, chunk) pieces that are streamed into
 memmapped files under ``partial/`` and recorded as done one by one
@@ -176,6 +178,8 @@ def _report(engine: Engine, index: SampleIndex, out: Path, k: float, stats: MADS
         "world_size": world_size,
         "skipped": [{"id": i, "key": index.key(i), "reason": r} for i, r in skipped],
         "top_domains": rows[:5],
+        # the domain-level verdict (ffengine.detect.domains): a binomial test per domain
+        "suspicious_domains": [r["domain"] for r in rows if r["suspicious"]],
     }
     atomic_write_json(out / SUMMARY, summary)  # last: its presence marks a finished trace
     remove_partial(out)

@@ -63,16 +63,21 @@ def test_plot_rejects_bad_input(tmp_path):
 def test_domain_table_sorted_most_suspicious_first():
     names = ["a.com", "b.org", "c.net", "d.io", "empty.xyz"]
     domain_ids = np.array([0] * 10 + [1] * 4 + [2] * 100 + [3] * 4)
-    # a: 2/10, b: 2/4 (same count, higher rate), c: 5/100 (most flagged), d: 0/4
+    # a: 2/10, b: 2/4 (same count, higher rate), c: 5/100 (most flagged), d: 0/4; ordered by
+    # the binomial test's p-value against the other domains, not by count
     flagged = [0, 1, 10, 11] + list(range(14, 19))
     rows = domain_table(flagged, domain_ids, names)
-    assert [r["domain"] for r in rows] == ["c.net", "b.org", "a.com", "d.io"]
-    assert rows[0] == {"domain": "c.net", "flagged": 5, "total": 100, "rate": 0.05}
-    assert rows[1]["rate"] == 0.5 and rows[3]["flagged"] == 0
+    assert [r["domain"] for r in rows] == ["b.org", "a.com", "c.net", "d.io"]
+    assert [r["p_value"] for r in rows] == sorted(r["p_value"] for r in rows)
+    c = rows[2]
+    assert {k: c[k] for k in ("domain", "flagged", "total", "rate")} == {
+        "domain": "c.net", "flagged": 5, "total": 100, "rate": 0.05}
+    assert c["ratio"] == pytest.approx(0.05 / (4 / 18)) and not c["suspicious"]
+    assert rows[0]["rate"] == 0.5 and rows[3]["flagged"] == 0
     text = format_domain_table(rows)
     lines = text.splitlines()
-    assert lines[0].split() == ["domain", "flagged", "total", "rate"]
-    assert lines[2].split() == ["c.net", "5", "100", "5.00%"]
+    assert lines[0].split() == ["domain", "flagged", "total", "rate", "×others", "p", "verdict"]
+    assert lines[4].split()[:4] == ["c.net", "5", "100", "5.00%"]
     assert len({len(line) for line in lines[2:]}) == 1  # fixed width
     assert text.endswith("\n")
 
@@ -86,7 +91,8 @@ def test_domain_table_mapping_names_and_errors():
         domain_table([3], [0, 0], ["a"])
     with pytest.raises(DataError, match="duplicated"):
         domain_table([0, 0], [0, 0], ["a"])
-    assert format_domain_table([]).splitlines()[0].split() == ["domain", "flagged", "total", "rate"]
+    assert format_domain_table([]).splitlines()[0].split()[:4] == ["domain", "flagged", "total",
+                                                                    "rate"]
 
 
 def test_atomic_helpers(tmp_path):
