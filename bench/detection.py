@@ -127,6 +127,11 @@ TRACES = {"all-d1": ("all", 1, ""), "last-d16": ("last", 16, ""),
 N_INSTANCES = 5
 # the default method changes only on evidence from at least this many configurations
 MIN_CONFIGS_FOR_DEFAULT = 2
+# ... and only among detectors: a method that misses this share of the poisons on some
+# configuration is not one. Added 2026-12-02, when DACC alone picked `paper-k6` for CLIP (it
+# flags 2 of 5,250 inputs: with 5% poisons, flagging nothing scores DACC 0.95); it does not
+# change the SimCLR pick.
+MAX_FNR_FOR_DEFAULT = 0.9
 VARIANT_LAYERS = {"fc2": ("head.fc2",)}
 # "all" checkpoints means these 5 (epochs 15, 30, .., 75), as in the runs made before runs
 # saved every 5 epochs; the "ckpt15" variant sums all 15.
@@ -432,7 +437,8 @@ def _summary(rows: list[dict], default: str) -> dict:
     # the rule the default is chosen by, fixed before the held-out configurations ran: the
     # best worst-case DACC over every configuration where the attack took, among the
     # methods measured on all of them
-    full = {m: w for m, w in methods.items() if w["n_configs"] == len(took) and took}
+    full = {m: w for m, w in methods.items() if w["n_configs"] == len(took) and took
+            and w["fnr_max"] < MAX_FNR_FOR_DEFAULT}
     best = (max(full, key=lambda m: full[m]["dacc_min"])
             if full and len(took) >= MIN_CONFIGS_FOR_DEFAULT else None)
     own = worst(default)
@@ -519,10 +525,16 @@ def write_markdown(rows: list[dict]) -> None:
              "method with the best worst-case DACC over every configuration where the attack "
              f"took, among those measured on all of them, once at least "
              f"{MIN_CONFIGS_FOR_DEFAULT} configurations took (one configuration is not a "
-             "grid). " + (f"By that rule the cached results pick `{s['best_by_rule']}`."
+             "grid). Amended on 2026-12-02: only among detectors, methods whose worst FNR is "
+             f"below {MAX_FNR_FOR_DEFAULT} (DACC alone picked `paper-k6` for CLIP, which "
+             "flags 2 of 5,250 inputs: with 5% poisons, flagging nothing scores DACC 0.95); "
+             "the amendment does not change the SimCLR pick. "
+             + (f"By that rule the cached results pick `{s['best_by_rule']}`."
                           if s["best_by_rule"] else
                           f"The cached results hold {s['n_configs']} such configuration(s), so "
-                          "the default stays the paper's method."), "",
+                          "the default stays the paper's method.")
+             + (f" For CLIP the rule picks `{s['clip']['best_by_rule']}`."
+                if s["clip"]["best_by_rule"] else ""), "",
              "Why the paper's figures are not reached here, and what was tried: see the last "
              "section. At the domain level (the verdict `ffengine trace` writes to "
              "domains.txt: a binomial test of each domain's flag count against the other "

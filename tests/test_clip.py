@@ -591,7 +591,7 @@ def test_clip_demo_runs_end_to_end_at_toy_scale(tmp_path):
     from ffengine.clip_demo import run_clip_demo
 
     r = run_clip_demo("ct", tmp_path / "demo", epochs=1, model="ffclip-vit-test", n_train=120,
-                      n_test=40, batch_size=32, progress=False)
+                      n_test=40, batch_size=32, progress=False, method="paper")
     assert r["n"] == 126 and r["n_poisoned"] == 6 and r["checkpoints"] == [1]
     for key in ("dacc", "fpr", "fnr", "auc", "asr", "asr_untriggered", "zero_shot_acc"):
         assert 0 <= r[key] <= 1, key
@@ -601,7 +601,8 @@ def test_clip_demo_runs_end_to_end_at_toy_scale(tmp_path):
     assert (tmp_path / "demo" / "instances" / "00" / "x_b.png").exists()
     # a second call reuses the finished trace of the same instance
     again = run_clip_demo("ct", tmp_path / "demo", epochs=1, model="ffclip-vit-test",
-                          n_train=120, n_test=40, batch_size=32, progress=False)
+                          n_train=120, n_test=40, batch_size=32, progress=False,
+                          method="paper")
     assert again["trace"] == r["trace"] and again["auc"] == r["auc"]
     # another method: its own trace directory, five instances; multi-draw methods refused
     last = run_clip_demo("ct", tmp_path / "demo", epochs=1, model="ffclip-vit-test",

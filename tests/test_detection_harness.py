@@ -59,6 +59,18 @@ def test_summary_picks_the_best_worst_case_only_with_enough_configurations():
     assert detection.summary(rows)["best_by_rule"] == "last-max16x5"
 
 
+def test_summary_never_picks_a_method_that_flags_nothing():
+    # with few poisons, flagging nothing scores a high DACC; such a method is not a detector
+    nothing = [{**_row(c, "paper-k6", 0.95), "fnr": 1.0, "fpr": 0.0} for c in ("a", "b")]
+    rows = nothing + [_row("a", "paper", 0.90), _row("b", "paper", 0.92)]
+    assert detection.summary(rows)["best_by_rule"] == "paper"
+    rows += [{**_row("ct", "paper-k6", 0.95, attack="ct"), "fnr": 0.95},
+             {**_row("ce", "paper-k6", 0.87, attack="corruptencoder"), "fnr": 1.0},
+             {**_row("ct", "last-x5", 0.87, attack="ct"), "fnr": 0.6},
+             {**_row("ce", "last-x5", 0.81, attack="corruptencoder"), "fnr": 0.8}]
+    assert detection.summary(rows)["clip"]["best_by_rule"] == "last-x5"
+
+
 def test_summary_keeps_clip_configurations_apart():
     rows = [_row("a", "paper", 0.9), _row("b", "paper", 0.8),
             _row("ct", "paper", 0.2, attack="ct")]
