@@ -221,9 +221,8 @@ def cmd_trace(a: argparse.Namespace) -> int:
     from .engine.distributed import local_device, process_group_from_env
     from .engine.instance import load_instance
     from .engine.scoring import Engine
-    from .trace import trace
-
     from .run import Run
+    from .trace import trace
 
     m = get_method(a.method or default_method_for(Run(a.run)))
     ckpts = a.checkpoints or m.checkpoints
