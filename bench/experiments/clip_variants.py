@@ -32,7 +32,7 @@ from ffengine.data.index import SampleIndex
 from ffengine.engine import clip_objective
 from ffengine.engine.instance import Instance, load_instance
 from ffengine.engine.scoring import Engine
-from ffengine.models.clip import scored_linears
+from ffengine.models.clip import linear_layout_grads, scored_linears
 from ffengine.run import Run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,13 +57,7 @@ def sided_gradients(n_inst: int):
                 er = er.detach() if side in ("b", "clean-b") else er
                 cos = F.cosine_similarity(eb, er, dim=1).squeeze(0)
                 g = torch.autograd.grad(-cos, params, allow_unused=True)
-            g = [torch.zeros_like(p) if t is None else t for t, p in zip(g, params, strict=True)]
-            per_layer, k = [], 0
-            for s in lins:
-                m = len(s.params())
-                per_layer += s.to_linear_layout(g[k: k + m])
-                k += m
-            per_k.append(per_layer)
+            per_k.append(linear_layout_grads(lins, g))
             coss.append(cos.detach())
         names = [n for s in lins for n in s.param_names()]
         return ({n: torch.stack([g[j] for g in per_k]).contiguous()

@@ -24,13 +24,14 @@ from ffengine.attacks.poisoned_encoder import AttackConfig, load_truth, poison_d
 from ffengine.data.demo_data import demo_index
 from ffengine.data.index import SampleIndex
 from ffengine.demo import bundled_run
-from ffengine.detect import flag
 from ffengine.engine import simclr_objective
 from ffengine.engine.backdoor import find_instances, knn_bank
 from ffengine.engine.head import scored_parameters
 from ffengine.engine.scoring import Engine, aggregate_draws
-from ffengine.metrics import detection_metrics
 from ffengine.run import Run
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from control_pairs import report  # noqa: E402
 
 SIDES = ("both", "b", "r")  # which head outputs the gradient flows through
 N_INSTANCES = 5
@@ -71,24 +72,11 @@ def main(work: Path) -> None:
     terms = np.asarray(Engine(run, checkpoints="last", draws=8).score(
         index, insts * len(SIDES)).terms)
     labels = index.labels
-    clean = np.ones(len(labels), bool)
-    clean[truth["poisoned_ids"]] = False
     for v, side in enumerate(SIDES):
         for how in ("max", "mean"):
             scores = aggregate_draws(terms[..., v * N_INSTANCES:(v + 1) * N_INSTANCES],
                                      how).mean(1)
-            for k in (3.0, 6.0):
-                flagged = flag(scores, k)
-                d = detection_metrics(flagged, truth["poisoned_ids"], truth["n"], scores=scores)
-                hit = np.zeros(len(labels), bool)
-                hit[flagged] = True
-                print(f"{side:4s} {how:4s} k{k:g} AUC {d['ROC_AUC']:.4f} DACC {d['DACC']:.4f} "
-                      f"FPR {d['FPR']:.4f} FNR {d['FNR']:.4f} "
-                      f"FNR@1%FPR {d['FNR_at_FPR_1pct']:.3f} "
-                      f"FPR trucks {hit[clean & (labels == 9)].mean():.3f} "
-                      f"others {hit[clean & (labels != 9) & (labels >= 0)].mean():.3f}",
-                      flush=True)
-
+            report(f"{side} {how}", scores, truth, labels, cfg.target_class)
 
 if __name__ == "__main__":
     main(Path(sys.argv[1] if len(sys.argv) > 1 else "one-sided-cosine"))

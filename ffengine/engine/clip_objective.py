@@ -31,7 +31,14 @@ from ..data.augment import augment_batch, stream_id
 from ..data.index import SampleIndex
 from ..errors import ConfigError
 from ..losses import clip_per_sample_sum
-from ..models.clip import ClipModel, ScoredLinear, load_clip_model, scored_linears, visual_split
+from ..models.clip import (
+    ClipModel,
+    ScoredLinear,
+    linear_layout_grads,
+    load_clip_model,
+    scored_linears,
+    visual_split,
+)
 from ..ops.ghost_score import ghost_score
 from ..pretrain.clip import captions_of, clip_eval_augment
 from ..reference.clip_scoring import score_clip_batch_reference
@@ -87,13 +94,7 @@ def clip_cosine_gradients(model: ClipModel, x_b: Sequence[torch.Tensor],
             e = model.encode_image(torch.stack([xb, xr]))
             cos = F.cosine_similarity(e[:1], e[1:], dim=1).squeeze(0)
             g = torch.autograd.grad(-cos, params, allow_unused=True)
-        g = [torch.zeros_like(p) if t is None else t for t, p in zip(g, params, strict=True)]
-        per_layer, k = [], 0
-        for s in lins:
-            m = len(s.params())
-            per_layer += s.to_linear_layout(g[k: k + m])
-            k += m
-        per_k.append(per_layer)
+        per_k.append(linear_layout_grads(lins, g))
         cos_values.append(cos.detach())
     names = [n for s in lins for n in s.param_names()]
     stacked = {n: torch.stack([g[j] for g in per_k]).contiguous()

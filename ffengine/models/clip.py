@@ -239,6 +239,21 @@ def _strip(name: str) -> str:
     return name[len("clip."):] if name.startswith("clip.") else name
 
 
+def linear_layout_grads(lins: Sequence[ScoredLinear], outputs: Sequence[torch.Tensor | None]
+                        ) -> list[torch.Tensor]:
+    """``torch.autograd.grad(..., [p for s in lins for p in s.params()], allow_unused=True)``
+    -> every scored layer's gradient in Linear layout (unused parameters: zeros), in the
+    order of their ``param_names()``."""
+    params = [p for s in lins for p in s.params()]
+    g = [torch.zeros_like(p) if t is None else t for t, p in zip(outputs, params, strict=True)]
+    out, k = [], 0
+    for s in lins:
+        m = len(s.params())
+        out += s.to_linear_layout(g[k: k + m])
+        k += m
+    return out
+
+
 def scored_linears(model: ClipModel, names: Sequence[str] | None = None) -> list[ScoredLinear]:
     """Resolve scored-layer names (default: :func:`default_scored_layers`)."""
     names = default_scored_layers(model) if not names else names
@@ -423,5 +438,6 @@ def load_clip_model(run, ckpt, device: torch.device | str = "cpu") -> ClipModel:
 
 __all__ = ["CLIP_CONFIG_DIR", "ClipModel", "ScoredLinear", "build_clip_from_entry",
            "create_clip", "default_scored_layers", "import_clip_checkpoint", "load_clip_model",
-           "load_into", "load_state_dict_file", "model_config", "scored_linears",
+           "linear_layout_grads", "load_into", "load_state_dict_file", "model_config",
+           "scored_linears",
            "tokenizer_for", "visual_split"]

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from ..losses import clip_sample_loss
-from ..models.clip import ClipModel, scored_linears
+from ..models.clip import ClipModel, linear_layout_grads, scored_linears
 
 
 def score_clip_batch_reference(model: ClipModel, x: torch.Tensor, txt: torch.Tensor,
@@ -33,12 +33,7 @@ def score_clip_batch_reference(model: ClipModel, x: torch.Tensor, txt: torch.Ten
         for i in range(len(x)):
             loss = clip_sample_loss(e, txt, i, scale)
             g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-            g = [torch.zeros_like(p) if t is None else t for t, p in zip(g, params, strict=True)]
-            per_layer, k = [], 0
-            for s in lins:
-                m = len(s.params())
-                per_layer += s.to_linear_layout(g[k: k + m])
-                k += m
+            per_layer = linear_layout_grads(lins, g)
             g_flat = torch.cat([t.reshape(-1) for t in per_layer]).to(G.dtype)
             norm = torch.linalg.vector_norm(g_flat)
             if norm > 0:
