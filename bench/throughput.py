@@ -2,11 +2,13 @@
 
     python bench/throughput.py --json                  # both models, every backend here
     python bench/throughput.py --models small --n 5000,50000 --json
+    python bench/throughput.py --device cuda --json    # on a GPU (the default where one is)
 
 Every figure counts *backbone images per second* (samples × views × draws: every view
 passes the backbone once), so the engine, plain inference and the references are directly
 comparable. Each measurement runs in its own process, so ``*_peak_mib`` is that
-measurement's own peak resident memory (VmHWM). The run is a freshly initialized model
+measurement's own peak resident memory (VmHWM; on a GPU, ``*_gpu_peak_mib`` is the peak
+allocated by PyTorch there). The run is a freshly initialized model
 saved in the run format (weights do not change the cost), the data ``n`` random 32×32
 images in a sample index, the instances random images. Prints a human table on stderr and
 one JSON object on stdout (``--json``).
@@ -44,6 +46,14 @@ def _peak_mib() -> float:
     return float("nan")
 
 
+def _sync(device) -> None:
+    """Wait for the device's queued work, so that a timer reads finished work."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def build_setup(root: Path, model: str, n: int, seed: int = 0) -> None:
     """A one-checkpoint run of ``model`` (fresh init) and an index of ``n`` random images."""
     import torch
@@ -72,8 +82,9 @@ def build_setup(root: Path, model: str, n: int, seed: int = 0) -> None:
         Instance(base[k], base[k + 8], {}).save(root / "instances" / f"{k:02d}")
 
 
-def measure(root: Path, what: str, backend: str, K: int, n_slow: int) -> dict:
-    """One measurement in this process: images/s and peak MiB."""
+def measure(root: Path, what: str, backend: str, K: int, n_slow: int,
+            device: str = "cpu") -> dict:
+    """One measurement in this process, on ``device``: images/s and peak MiB."""
     import torch
 
     from ffengine.data.index import SampleIndex
@@ -85,33 +96,39 @@ def measure(root: Path, what: str, backend: str, K: int, n_slow: int) -> dict:
     index = SampleIndex(root / "index")
     insts = [load_instance(root / "instances" / f"{k:02d}") for k in range(K)]
     if what == "inference":
-        # the memory format the engine uses on this device (contiguous on CPU)
-        # batches of 256 views: what the engine feeds the backbone (one view of a scoring
-        # batch of 256 samples)
-        model = run.load_model(run.checkpoints[-1])
-        x = torch.rand(256, 3, 32, 32)
+        # the memory format the engine uses on this device (channels-last on CUDA), batches
+        # of 256 views: what the engine feeds the backbone (one view of a scoring batch)
+        fmt = torch.channels_last if torch.device(device).type == "cuda" else (
+            torch.contiguous_format)
+        model = run.load_model(run.checkpoints[-1], device).to(memory_format=fmt)
+        x = torch.rand(256, 3, 32, 32, device=device).contiguous(memory_format=fmt)
         n_views = 2 * len(index)
         with torch.inference_mode():
             model.features(x)  # warm-up
+            _sync(device)
             t0 = time.perf_counter()
             for _ in range(max(1, n_views // 256)):
                 model.features(x)
+            _sync(device)
             dt = time.perf_counter() - t0
         images = 256 * max(1, n_views // 256)
     elif what in ("engine", "reference"):
         sub = index if what == "engine" else _head(index, n_slow, root)
         eng = Engine(run, checkpoints="last", backend=backend, progress=False,
-                     reference=what == "reference")
+                     reference=what == "reference", device=device)
         t0 = time.perf_counter()
         eng.score(sub, insts, check_index=False)  # ``sub`` may be a prefix of the run's data
+        _sync(device)
         dt = time.perf_counter() - t0
         images = 2 * len(sub)
     elif what == "vmap":
-        dt, images = _vmap_scores(run, _head(index, n_slow, root), insts)
+        dt, images = _vmap_scores(run, _head(index, n_slow, root), insts, device)
     else:
         raise ValueError(what)
+    gpu = ({"gpu_peak_mib": torch.cuda.max_memory_allocated(device) / 2 ** 20}
+           if torch.device(device).type == "cuda" else {})
     return {"images_per_s": images / dt, "seconds": dt, "images": images,
-            "peak_mib": _peak_mib()}
+            "peak_mib": _peak_mib(), **gpu}
 
 
 def _head(index, n: int, root: Path):
@@ -125,7 +142,7 @@ def _head(index, n: int, root: Path):
     return SampleIndex(out)
 
 
-def _vmap_scores(run, index, insts) -> tuple[float, int]:
+def _vmap_scores(run, index, insts, device: str = "cpu") -> tuple[float, int]:
     """Materialized per-sample head gradients with torch.func, dotted with G: the baseline
     the ghost path replaces. Same views and batches as the engine's."""
     import torch
@@ -136,7 +153,7 @@ def _vmap_scores(run, index, insts) -> tuple[float, int]:
     from ffengine.engine.scoring import Engine
     from ffengine.losses import nt_xent_sample_loss_onehot
 
-    eng = Engine(run, checkpoints="last", progress=False)
+    eng = Engine(run, checkpoints="last", progress=False, device=device)
     state = eng.prepare(insts, index)  # a prefix of the run's data: no index check
     model, grads = state.models[0], state.grads[0]
     tau = run.manifest["objective"]["temperature"]
@@ -155,14 +172,14 @@ def _vmap_scores(run, index, insts) -> tuple[float, int]:
     images = 0
     t0 = time.perf_counter()
     for batch in iter_chunks(index, eng.chunks(len(index))):
-        imgs = batch.images
+        imgs = batch.images.to(device)
         for sel in np.array_split(np.arange(len(batch)), max(1, round(len(batch) / 256))):
             with torch.inference_mode():
                 feats = obj.view_features(model, imgs[sel], batch.sizes[sel], batch.ids[sel],
                                           seed=0, epoch=1, draw=0)
             feats = feats.clone()
             p = {k: head_params[k] for k in scored}
-            onehots = torch.eye(len(sel), dtype=feats.dtype)
+            onehots = torch.eye(len(sel), dtype=feats.dtype, device=feats.device)
             g = vmap(grad(loss_i), in_dims=(None, None, 0))(p, feats, onehots)
             flat = torch.cat([g[k].reshape(len(sel), -1) for k in scored], 1)
             scores = (flat @ G.T) / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)
@@ -193,27 +210,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-resnet18", type=int, default=1024,
                    help="samples for the full-width ResNet-18 (slow on CPU)")
     p.add_argument("--n-slow", type=int, default=256, help="samples for reference and vmap")
-    p.add_argument("--backends", default=None, help="default: torch,cpu (+triton,cuda on GPU)")
+    p.add_argument("--backends", default=None,
+                   help="default: torch,cpu on CPU; torch,triton on CUDA")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda where it exists)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--child", nargs=5, metavar=("ROOT", "WHAT", "BACKEND", "K", "NSLOW"),
+    p.add_argument("--child", nargs=6, metavar=("ROOT", "WHAT", "BACKEND", "K", "NSLOW", "DEV"),
                    help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
-        root, what, backend, k, n_slow = a.child
-        print(json.dumps(measure(Path(root), what, backend, int(k), int(n_slow))))
+        root, what, backend, k, n_slow, device = a.child
+        print(json.dumps(measure(Path(root), what, backend, int(k), int(n_slow), device)))
         return 0
 
     import torch
 
     from ffengine import _ext
 
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = torch.device(device).type == "cuda"
     backends = a.backends.split(",") if a.backends else (
-        ["torch", "cpu"] if not torch.cuda.is_available() else ["torch", "triton", "cuda"])
-    if "cpu" in backends and not _ext.extension_available():
+        ["torch", "triton"] if on_gpu else ["torch", "cpu"])
+    if "cpu" in backends and (on_gpu or not _ext.extension_available()):
         backends.remove("cpu")
+    card = f", {torch.cuda.get_device_name(device)}" if on_gpu else ""
     out = {"machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                      f"{torch.get_num_threads()} threads",
-           "date": time.strftime("%Y-%m-%d"), "models": {}}
+                      f"{torch.get_num_threads()} threads{card}",
+           "device": device, "date": time.strftime("%Y-%m-%d"), "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for model in a.models.split(","):
             sizes = [int(float(x)) for x in a.n.split(",")] if model != "resnet18" else [
@@ -223,28 +245,41 @@ def main(argv: list[str] | None = None) -> int:
                 root = Path(tmp) / f"{model}-{n}"
                 build_setup(root, model, n)
                 row: dict = {"n": n}
-                r = _child([str(root), "inference", "torch", "1", str(a.n_slow)])
+                r = _child([str(root), "inference", "torch", "1", str(a.n_slow), device])
                 row["inference_sps"] = r["images_per_s"]
                 row["inference_peak_mib"] = r["peak_mib"]
+                _gpu_peak(row, "inference", r)
                 row["engine_sps"], row["engine_peak_mib"] = {}, {}
                 # the larger sizes show how memory grows with n: one backend, K = 1
                 grid = [(b, K) for b in backends for K in (1, 8)] if n == sizes[0] else [
                     (backends[0], 1)]
                 for b, K in grid:
-                    r = _child([str(root), "engine", b, str(K), str(a.n_slow)])
+                    r = _child([str(root), "engine", b, str(K), str(a.n_slow), device])
                     row["engine_sps"][f"{b}/K={K}"] = r["images_per_s"]
                     row["engine_peak_mib"][f"{b}/K={K}"] = r["peak_mib"]
+                    _gpu_peak(row, "engine", r, f"{b}/K={K}")
                 if n == sizes[0]:
                     for what in ("reference", "vmap"):
-                        r = _child([str(root), what, "torch", "1", str(a.n_slow)])
+                        r = _child([str(root), what, "torch", "1", str(a.n_slow), device])
                         row[f"{what}_sps"], row[f"{what}_peak_mib"] = r["images_per_s"], r[
                             "peak_mib"]
+                        _gpu_peak(row, what, r)
                 res["sizes"][str(n)] = row
                 _print_row(model, row)
             out["models"][model] = res
     if a.json:
         print(json.dumps(out, sort_keys=True))
     return 0
+
+
+def _gpu_peak(row: dict, what: str, r: dict, key: str | None = None) -> None:
+    """``row[what_gpu_peak_mib]`` (per ``key`` for the engine) where the child ran on a GPU."""
+    if "gpu_peak_mib" not in r:
+        return
+    if key is None:
+        row[f"{what}_gpu_peak_mib"] = r["gpu_peak_mib"]
+    else:
+        row.setdefault(f"{what}_gpu_peak_mib", {})[key] = r["gpu_peak_mib"]
 
 
 def _print_row(model: str, row: dict) -> None:

@@ -20,6 +20,12 @@ SCORE_STREAM = 1  # purpose tag of scoring views in the augmentation streams (pr
 BACKBONE_BATCH = 512  # views per backbone forward
 
 
+def _memory_format(device: torch.device | str) -> torch.memory_format:
+    """The backbone's memory format on ``device``: channels-last on CUDA."""
+    return (torch.channels_last if torch.device(device).type == "cuda"
+            else torch.contiguous_format)
+
+
 class SimclrObjective:
     name = "nt_xent"
     views = 2
@@ -36,7 +42,10 @@ class SimclrObjective:
         self.augment = run.augment
 
     def load_model(self, ckpt: Checkpoint, device: torch.device | str = "cpu") -> SimCLRModel:
-        return self.run.load_model(ckpt, device)
+        model = self.run.load_model(ckpt, device)
+        # channels-last is what cuDNN's convolutions are fastest in (pre-training uses it on
+        # GPU too); on CPU the contiguous layout measured as fast, so it stays
+        return model.to(memory_format=_memory_format(device))
 
     def cosine_gradients(self, model: SimCLRModel, x_b: Sequence[torch.Tensor],
                          x_r: Sequence[torch.Tensor]):
@@ -51,6 +60,7 @@ class SimclrObjective:
             for v in (0, 1):
                 x = augment_batch(images, sizes, ids, seed,
                                   stream_id(SCORE_STREAM, epoch, draw, v), self.augment)
+                x = x.contiguous(memory_format=_memory_format(x.device))
                 with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
                     out += [model.features(x[s: s + BACKBONE_BATCH]).float()
                             for s in range(0, len(x), BACKBONE_BATCH)]
