@@ -172,8 +172,11 @@ GRIDS = {
     + [replace(_base, trigger_location="random"), replace(_base, trigger_shape="triangle"),
        replace(_base, trigger_shape="logo"), replace(_base, trigger_shape="combined")],
     # the multi-modal attacks on CLIP (open_clip ViT-tiny, 30 epochs, a checkpoint every 6):
-    # Carlini-Terzis at 5% and CorruptEncoder at 15%, where each took (README, "Measured")
-    "clip": [_clip, replace(_clip, attack="corruptencoder", poison_rate=0.15)],
+    # Carlini-Terzis at 5% and CorruptEncoder at 15%, where each took (README, "Measured"),
+    # each with a second seed
+    "clip": [_clip, replace(_clip, attack="corruptencoder", poison_rate=0.15),
+             replace(_clip, seed=1), replace(_clip, attack="corruptencoder", poison_rate=0.15,
+                                             seed=1)],
     "seeds": [replace(_base, seed=s) for s in (0, 1, 2)]
     + [replace(_base, target_class=c) for c in (0, 3)],
 }

@@ -596,6 +596,10 @@ def test_clip_demo_runs_end_to_end_at_toy_scale(tmp_path):
     for key in ("dacc", "fpr", "fnr", "auc", "asr", "asr_untriggered", "zero_shot_acc"):
         assert 0 <= r[key] <= 1, key
     assert r["top_domain"] is not None and "DACC" in r["report"]
+    # the domain-level verdict: the summary's list is the domains.json rows marked suspicious
+    rows = json.loads((Path(r["trace"]) / "domains.json").read_text())
+    assert r["suspicious_domains"] == [x["domain"] for x in rows if x["suspicious"]]
+    assert rows[0]["domain"] == r["top_domain"] and "verdict" in r["report"]
     assert Path(r["trace"]).parent == tmp_path / "demo"
     assert (Path(r["trace"]) / "summary.json").exists()
     assert (tmp_path / "demo" / "instances" / "00" / "x_b.png").exists()

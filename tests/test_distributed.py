@@ -63,7 +63,7 @@ def test_two_gloo_processes_equal_one_process(setup, tmp_path_factory, tmp_path)
     assert_same_results(out, ref)
     want = json.loads((ref / "summary.json").read_text())
     for key in ("n", "n_scored", "n_flagged", "median", "mad", "threshold", "top_domains",
-                "cos_per_checkpoint", "pieces"):
+                "suspicious_domains", "cos_per_checkpoint", "pieces"):
         assert summary[key] == want[key], key
     assert [s["id"] for s in summary["skipped"]] == [s["id"] for s in want["skipped"]]
     meta = json.loads((out / "metadata.json").read_text())
