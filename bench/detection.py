@@ -499,6 +499,12 @@ WHY_NOT_REACHED = [
     "x_r's: AUC 0.371), the untriggered-`x_b` control (AUC 0.789) and the one-sided "
     "difference of the two (AUC 0.229): none separates the poisons. The attack's domains do "
     "stand out at the domain level (last column of the side-by-side table).",
+    "", "**PE-I** (10%, seed 0, 2026-12-02): the backdoor did not take by the k-NN measure "
+    "(the trigger image stays in its own class: ASR 0.0 against 4.1% untriggered), so its "
+    "rows do not count towards the defaults. Its poisons all carry the one trigger image, "
+    "and the traceback isolates them anyway (AUC 0.983 for `paper`, 0.998 for the default: "
+    "DACC 0.969, FPR 0.034, FNR 0.000). A PE-I run where the backdoor takes (more epochs "
+    "or poisons) is still to be made.",
 ]
 
 
