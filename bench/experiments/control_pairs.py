@@ -58,7 +58,8 @@ def control_instances(model, insts: list[Instance], test: SampleIndex, target: i
     return clean, twin
 
 
-def gradient_norms(engine: Engine, state) -> np.ndarray:
+def gradient_norms(state) -> np.ndarray:
+    """Each stacked cosine gradient's norm (the first checkpoint's), (K,)."""
     g = state.grads[0]
     return torch.sqrt(sum((v.reshape(v.shape[0], -1) ** 2).sum(1) for v in g.values())).numpy()
 
@@ -90,7 +91,7 @@ def main(work: Path, draws: int) -> None:
     all_insts = insts + clean + twin
     out = work / f"control-pairs-d{draws}.npz"
     engine = Engine(run, checkpoints="last", draws=draws)
-    norms = gradient_norms(engine, engine.prepare(all_insts, index))
+    norms = gradient_norms(engine.prepare(all_insts, index))
     if out.exists():
         terms = np.load(out)["terms"]
     else:
