@@ -127,7 +127,8 @@ def domain_table(
 
     ``domain_ids`` (shape ``(n,)``) gives each sample's domain index into ``domain_names``.
     Rows ``{"domain", "flagged", "total", "rate", "ratio", "p_value", "suspicious"}``
-    (``rate = flagged / total``; ``ratio``, ``p_value`` and ``suspicious``: the binomial test
+    (``rate = flagged / total``; ``ratio`` (None where no other domain has a flag),
+    ``p_value`` and ``suspicious``: the binomial test
     of :func:`ffengine.detect.domains.domain_suspicion` against the other domains' flag rate)
     for every domain with at least one sample, sorted suspicious first, then by p-value
     (ascending), rate (descending) and name. A p-value, not a count, orders the table: a
@@ -158,12 +159,17 @@ def domain_table(
     test = domain_suspicion(hits, totals, alpha, min_ratio)
     rows = [
         {"domain": str(names[d]), "flagged": int(hits[d]), "total": int(totals[d]),
-         "rate": float(hits[d] / totals[d]), "ratio": float(test["ratio"][d]),
+         "rate": float(hits[d] / totals[d]), "ratio": _finite_or_none(test["ratio"][d]),
          "p_value": float(test["p_value"][d]), "suspicious": bool(test["suspicious"][d])}
         for d in sorted(names) if totals[d] > 0
     ]
     rows.sort(key=lambda r: (not r["suspicious"], r["p_value"], -r["rate"], r["domain"]))
     return rows
+
+
+def _finite_or_none(x: float) -> float | None:
+    """JSON has no Infinity: a rate over zero others' flags becomes null."""
+    return float(x) if np.isfinite(x) else None
 
 
 def format_domain_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -172,7 +178,8 @@ def format_domain_table(rows: Sequence[Mapping[str, Any]]) -> str:
     ``SUSPICIOUS`` or ``-``)."""
     header = ("domain", "flagged", "total", "rate", "×others", "p", "verdict")
     cells = [(str(r["domain"]), str(int(r["flagged"])), str(int(r["total"])),
-              f"{100.0 * float(r['rate']):.2f}%", f"{float(r['ratio']):.2f}",
+              f"{100.0 * float(r['rate']):.2f}%",
+              "inf" if r["ratio"] is None else f"{float(r['ratio']):.2f}",
               f"{float(r['p_value']):.1e}", "SUSPICIOUS" if r["suspicious"] else "-")
              for r in rows]
     widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(header)]

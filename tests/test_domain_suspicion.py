@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from fractions import Fraction
 
@@ -93,3 +94,10 @@ def test_domain_table_carries_the_verdict_and_orders_by_it():
     assert [r["suspicious"] for r in rows] == [True, False, False]
     text = format_domain_table(rows)
     assert text.splitlines()[2].split()[-1] == "SUSPICIOUS"
+
+
+def test_domain_table_rows_are_strict_json_when_no_other_domain_has_a_flag():
+    rows = domain_table([0, 1], [0, 0, 1, 1], ["hot.example", "cold.example"])
+    assert rows[0]["domain"] == "hot.example" and rows[0]["ratio"] is None
+    json.dumps(rows, allow_nan=False)  # no Infinity / NaN
+    assert format_domain_table(rows).splitlines()[2].split()[4] == "inf"
