@@ -122,6 +122,7 @@ def domain_table(
     domain_names: Sequence[str] | Mapping[int, str],
     alpha: float = 0.01,
     min_ratio: float = 2.0,
+    skipped_ids: Sequence[int] | np.ndarray = (),
 ) -> list[dict[str, Any]]:
     """Per-domain flag counts and the domain-level verdict, most suspicious first.
 
@@ -133,6 +134,9 @@ def domain_table(
     for every domain with at least one sample, sorted suspicious first, then by p-value
     (ascending), rate (descending) and name. A p-value, not a count, orders the table: a
     large benign domain collects many false positives by its size alone.
+
+    ``skipped_ids``: samples that were never scored (undecodable), so could not be flagged:
+    they leave ``total`` (the test's denominator) and are counted in each row's ``skipped``.
     """
     dom = np.asarray(domain_ids)
     if dom.ndim != 1 or (dom.size and dom.dtype.kind not in "iu"):
@@ -154,14 +158,21 @@ def domain_table(
             raise DataError("flagged_ids has duplicated ids")
     else:
         flagged = np.zeros(0, np.int64)
-    totals = np.bincount(dom, minlength=n_dom)
+    skipped = np.unique(np.asarray(skipped_ids, dtype=np.int64))
+    if skipped.size and (skipped.min() < 0 or skipped.max() >= dom.shape[0]):
+        raise DataError(f"skipped_ids must lie in [0, {dom.shape[0]})")
+    if np.isin(flagged, skipped).any():
+        raise DataError("a skipped (unscored) sample cannot be flagged")
+    n_skipped = np.bincount(dom[skipped], minlength=n_dom)
+    totals = np.bincount(dom, minlength=n_dom) - n_skipped
     hits = np.bincount(dom[flagged], minlength=n_dom)
     test = domain_suspicion(hits, totals, alpha, min_ratio)
     rows = [
         {"domain": str(names[d]), "flagged": int(hits[d]), "total": int(totals[d]),
-         "rate": float(hits[d] / totals[d]), "ratio": _finite_or_none(test["ratio"][d]),
-         "p_value": float(test["p_value"][d]), "suspicious": bool(test["suspicious"][d])}
-        for d in sorted(names) if totals[d] > 0
+         "rate": float(hits[d] / totals[d]) if totals[d] else 0.0, "ratio": _finite_or_none(test["ratio"][d]),
+         "p_value": float(test["p_value"][d]), "suspicious": bool(test["suspicious"][d]),
+         "skipped": int(n_skipped[d])}
+        for d in sorted(names) if totals[d] + n_skipped[d] > 0
     ]
     rows.sort(key=lambda r: (not r["suspicious"], r["p_value"], -r["rate"], r["domain"]))
     return rows

@@ -8,7 +8,8 @@ A finished result directory holds::
     terms.npy              (T, D, n, K) float32: per-checkpoint, per-draw terms
     detection_scores.npy   (n,) float32: the score the MAD rule reads (mean over instances)
     flagged.npy            int64 ids above median + k·MAD
-    domains.json / .txt    flagged / total per source domain and the domain-level verdict
+    domains.json / .txt    flagged / scored total per source domain (skipped samples counted
+                           apart) and the domain-level verdict
                            (a binomial test against the other domains), suspicious first
     scores.png             score distribution with the threshold
     summary.json           counts, threshold, backend, skipped samples, suspicious
@@ -151,7 +152,8 @@ def _report(engine: Engine, index: SampleIndex, out: Path, k: float, stats: MADS
     thr = stats.threshold(k)
     flag(out / "detection_scores.npy", k, out=out / "flagged.npy", stats=stats)
     flagged = np.load(out / "flagged.npy")
-    rows = domain_table(flagged, index.domains, index.domain_names)
+    rows = domain_table(flagged, index.domains, index.domain_names,
+                        skipped_ids=[i for i, _ in skipped])
     atomic_write_json(out / "domains.json", rows)
     atomic_write_bytes(out / "domains.txt", format_domain_table(rows).encode())
     det = np.load(out / "detection_scores.npy", mmap_mode="r")

@@ -95,6 +95,26 @@ def test_domain_table_mapping_names_and_errors():
                                                                     "rate"]
 
 
+def test_domain_table_leaves_skipped_samples_out_of_the_totals():
+    # a.com: 10 samples, 4 of them undecodable; b.org: all 3 undecodable
+    domain_ids = np.array([0] * 10 + [1] * 3 + [2] * 20)
+    skipped = [0, 1, 2, 3, 10, 11, 12]
+    rows = {r["domain"]: r for r in domain_table([4, 5, 6, 20], domain_ids,
+                                                   ["a.com", "b.org", "c"], skipped_ids=skipped)}
+    assert (rows["a.com"]["total"], rows["a.com"]["skipped"], rows["a.com"]["rate"]) == (6, 4, 0.5)
+    assert (rows["b.org"]["total"], rows["b.org"]["skipped"], rows["b.org"]["rate"]) == (0, 3, 0.0)
+    assert rows["c"]["skipped"] == 0 and rows["c"]["total"] == 20
+    # the test's denominator is the scored total: 3 of 6 against 1 of 20 (not 3 of 10)
+    want = domain_table([0, 1, 2, 13], np.array([0] * 6 + [2] * 20), ["a.com", "b.org", "c"])
+    assert rows["a.com"]["p_value"] == pytest.approx(want[0]["p_value"], rel=1e-12)
+    assert rows["a.com"]["p_value"] < 0.5 * domain_table(
+        [4, 5, 6, 20], domain_ids, ["a.com", "b.org", "c"])[0]["p_value"]
+    with pytest.raises(DataError, match="cannot be flagged"):
+        domain_table([0], domain_ids, ["a.com", "b.org", "c"], skipped_ids=skipped)
+    with pytest.raises(DataError, match="skipped_ids"):
+        domain_table([], domain_ids, ["a.com", "b.org", "c"], skipped_ids=[99])
+
+
 def test_atomic_helpers(tmp_path):
     p = atomic_write_bytes(tmp_path / "b.bin", b"abc")
     assert p.read_bytes() == b"abc"

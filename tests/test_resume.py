@@ -164,6 +164,14 @@ def test_engine_score_and_trace_share_the_piece_scorer(setup, straight):
     bad = [i for i, _ in res.skipped]
     assert bad == [37] and np.isnan(det[bad]).all() and not np.isnan(np.delete(det, bad)).any()
     assert not np.isin(np.load(out / "flagged.npy"), bad).any()
+    # the undecodable sample leaves its domain's total (it could not be flagged)
+    rows = json.loads((out / "domains.json").read_text())
+    dom = setup["index"].domains
+    for r in rows:
+        d = setup["index"].domain_names.index(r["domain"])
+        n_bad = int(np.isin(np.flatnonzero(dom == d), bad).sum())
+        assert (r["total"], r["skipped"]) == (int((dom == d).sum()) - n_bad, n_bad)
+    assert sum(r["skipped"] for r in rows) == 1
 
 
 @pytest.mark.parametrize("crash_after", [1, 17])
