@@ -177,6 +177,11 @@ GRIDS = {
     "clip": [_clip, replace(_clip, attack="corruptencoder", poison_rate=0.15),
              replace(_clip, seed=1), replace(_clip, attack="corruptencoder", poison_rate=0.15,
                                              seed=1)],
+    # CLIP's poison rate (where Carlini-Terzis stops taking), a third seed of each attack and
+    # another target class (airplane): ~15 min each on one core
+    "clip-more": [replace(_clip, poison_rate=r) for r in (0.01, 0.02)]
+    + [replace(_clip, seed=2), replace(_clip, attack="corruptencoder", poison_rate=0.15, seed=2),
+       replace(_clip, target_class=0)],
     "seeds": [replace(_base, seed=s) for s in (0, 1, 2)]
     + [replace(_base, target_class=c) for c in (0, 3)],
 }
@@ -490,7 +495,16 @@ WHY_NOT_REACHED = [
     "truck nearest `x_b` (a pair already inside the target cluster), the clean-truck false "
     "positives vanish (FPR target 0.002 at k = 6 on seed 1) and so do the poisons (AUC 0.631 "
     "on seed 1, 0.819 on seed 2): a poison's straddling draw moves the target cluster as a "
-    "whole, which is what a clean truck does.",
+    "whole, which is what a clean truck does;",
+    "* weighting each draw by how far apart the sample's two views are (`1 - cos` of their "
+    "head outputs, the same crops the trace scored; `bench/experiments/view_agreement.py`, "
+    "2026-12-02): a clean truck's views agree, a poison's straddling views do not. AUC "
+    "against clean trucks 0.757 → 0.866 on seed 1 but 0.947 → 0.932 on seed 2 (max over "
+    "draws; DACC at k = 6 0.916 and 0.892 against 0.935 and 0.964). View disagreement alone "
+    "(a composite-image detector, not a backdoor score) separates poisons from clean trucks "
+    "on seed 1 (AUC 0.924) but not on seed 2 (0.847); summed with the default score "
+    "(each robustly standardized) it gives AUC 0.985 and 0.992 (default 0.958 and 0.992) "
+    "but DACC at k = 6 0.948 and 0.927 (FNR 0.56 and 0.81). None is kept.",
     "", "**CLIP.** On Carlini-Terzis 5% the clean truck/\"truck\" pairs outscore the poisons "
     "(final checkpoint, 5 instances: AUC of poisons against clean target-class pairs 0.06), "
     "so every sample-level method misses nearly all poisons at a usable FPR (FNR at 1% FPR "

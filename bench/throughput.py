@@ -20,6 +20,11 @@ one JSON object on stdout (``--json``).
   head, materialized gradients), on ``--n-slow`` samples.
 * ``vmap_sps``: per-sample head gradients materialized with ``torch.func.vmap(grad(...))``
   and dotted with the cosine gradient, on ``--n-slow`` samples.
+* ``naive_sps``: one sample at a time, as plain autograd code would do it: the sample's two
+  views through backbone and head, ``autograd.grad`` of its loss on the scored parameters
+  (the batch's other views as constant negatives, embedded once per batch), the dot with
+  the cosine gradient and the norm; on ``--n-slow`` samples. ``reference_sps`` shares the
+  backbone pass across the batch, so only its head maths is per sample.
 """
 
 from __future__ import annotations
@@ -123,6 +128,8 @@ def measure(root: Path, what: str, backend: str, K: int, n_slow: int,
         images = 2 * len(sub)
     elif what == "vmap":
         dt, images = _vmap_scores(run, _head(index, n_slow, root), insts, device)
+    elif what == "naive":
+        dt, images = _naive_scores(run, _head(index, n_slow, root), insts, device)
     else:
         raise ValueError(what)
     gpu = ({"gpu_peak_mib": torch.cuda.max_memory_allocated(device) / 2 ** 20}
@@ -193,6 +200,59 @@ def _vmap_scores(run, index, insts, device: str = "cpu") -> tuple[float, int]:
     return time.perf_counter() - t0, images
 
 
+def _naive_scores(run, index, insts, device: str = "cpu") -> tuple[float, int]:
+    """One sample at a time with plain autograd (backbone forward of its two views included),
+    the same views, negatives and scores as the engine's (checked on the first batch)."""
+    import torch
+
+    from ffengine.data.augment import augment_batch, stream_id
+    from ffengine.data.loader import iter_chunks
+    from ffengine.engine.head import scored_parameters
+    from ffengine.engine.scoring import Engine
+    from ffengine.engine.simclr_objective import SCORE_STREAM
+    from ffengine.losses import nt_xent_sample_loss
+
+    eng = Engine(run, checkpoints="last", progress=False, device=device)
+    state = eng.prepare(insts, index)  # a prefix of the run's data: no index check
+    model, grads = state.models[0], state.grads[0]
+    tau = run.manifest["objective"]["temperature"]
+    params = [q for _, q in scored_parameters(model, run.manifest["scored_layers"])]
+    G = torch.cat([grads[k].reshape(grads[k].shape[0], -1)
+                   for k, _ in scored_parameters(model, run.manifest["scored_layers"])], 1)
+    obj = eng.objective
+    images, checked = 0, False
+    t0 = time.perf_counter()
+    for batch in iter_chunks(index, eng.chunks(len(index))):
+        imgs = batch.images.to(device)
+        for sel in np.array_split(np.arange(len(batch)), max(1, round(len(batch) / 256))):
+            views = [augment_batch(imgs[sel], batch.sizes[sel], batch.ids[sel], 0,
+                                   stream_id(SCORE_STREAM, 1, 0, v), obj.augment)
+                     for v in (0, 1)]
+            b = len(sel)
+            with torch.no_grad():  # the negatives: every view of the batch, once
+                z_all = model.head(model.features(torch.cat(views)))
+            scores = torch.zeros(b, G.shape[0], device=G.device)
+            for i in range(b):
+                x_i = torch.stack([views[0][i], views[1][i]])
+                with torch.enable_grad():
+                    z_i = model.head(model.features(x_i))
+                    z = z_all.index_put((torch.tensor([i, b + i], device=z_all.device),), z_i)
+                    g = torch.autograd.grad(nt_xent_sample_loss(z, i, tau), params)
+                flat = torch.cat([t.reshape(-1) for t in g])
+                norm = torch.linalg.vector_norm(flat)
+                if norm > 0:
+                    scores[i] = (G @ flat) / norm
+            if not checked:  # the baseline must compute the same scores as the engine
+                want = obj.score_batch(model, index, imgs[sel], batch.sizes[sel],
+                                       batch.ids[sel], grads, seed=0, epoch=1, draw=0,
+                                       backend="torch", reference=False)
+                torch.testing.assert_close(scores.to(want.dtype), want, rtol=1e-4,
+                                           atol=1e-4 * float(want.abs().max()))
+                checked = True
+            images += 2 * b
+    return time.perf_counter() - t0, images
+
+
 def _child(args: list[str]) -> dict:
     r = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True,
                        text=True, check=False)
@@ -259,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                     row["engine_peak_mib"][f"{b}/K={K}"] = r["peak_mib"]
                     _gpu_peak(row, "engine", r, f"{b}/K={K}")
                 if n == sizes[0]:
-                    for what in ("reference", "vmap"):
+                    for what in ("reference", "vmap", "naive"):
                         r = _child([str(root), what, "torch", "1", str(a.n_slow), device])
                         row[f"{what}_sps"], row[f"{what}_peak_mib"] = r["images_per_s"], r[
                             "peak_mib"]
@@ -289,7 +349,7 @@ def _print_row(model: str, row: dict) -> None:
     for key, v in row["engine_sps"].items():
         lines.append(f"  engine {key:12s} {v:8.0f} img/s  {v / inf:5.2f}x inference  "
                      f"{row['engine_peak_mib'][key]:.0f} MiB")
-    for what in ("reference", "vmap"):
+    for what in ("reference", "vmap", "naive"):
         if f"{what}_sps" in row:
             v = row[f"{what}_sps"]
             lines.append(f"  {what:9s}           {v:8.1f} img/s  engine(torch,K=1) is "
