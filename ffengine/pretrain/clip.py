@@ -12,24 +12,22 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .. import __version__
 from ..data.augment import AugmentConfig, augment_batch, stream_id
 from ..data.index import SampleIndex
 from ..data.loader import decode_all
 from ..errors import ConfigError, DataError
-from ..io_utils import atomic_write_json
 from ..losses import clip_infonce
 from ..models.clip import MAX_LOGIT_SCALE, OBJECTIVE, ClipModel, create_clip, load_clip_model
-from ..run import MANIFEST, RUN_FORMAT_VERSION, Run, save_checkpoint
-from .simclr import PRETRAIN_STREAM, _check_resumable, epoch_lr
+from ..run import RUN_FORMAT_VERSION, Run, save_checkpoint
+from .loop import start_or_resume, train_epochs
+from .simclr import PRETRAIN_STREAM
 
 
 def clip_train_augment(size: int) -> AugmentConfig:
@@ -128,63 +126,37 @@ def pretrain_clip(index: SampleIndex, out: str | Path, cfg: ClipPretrainConfig,
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
                             betas=(0.9, 0.98), eps=1e-6)
     manifest = new_clip_manifest(model, augment, index, cfg, command)
-    start_epoch, step = 1, 0
-    if (out / MANIFEST).exists():
-        run = Run(out)
-        _check_resumable(run, manifest, out)
-        manifest = run.manifest
-        if run.checkpoints:
-            last = run.checkpoints[-1]
-            model.load_state_dict(load_clip_model(run, last, device).state_dict())
-            if last.optimizer is not None:
-                opt.load_state_dict(torch.load(last.optimizer, weights_only=True))
-            start_epoch, step = last.epoch + 1, last.step
-    else:
-        atomic_write_json(out / MANIFEST, manifest)
+    manifest, start_epoch, step = start_or_resume(
+        out, manifest, opt,
+        lambda run, last: model.load_state_dict(load_clip_model(run, last, device).state_dict()))
 
     data = decode_all(index)
     if data.skipped:
         manifest["skipped"] = [{"id": i, "reason": r} for i, r in data.skipped]
     tokens = model.tokenize(captions_of(index, data.ids)).to(device)
     images = data.images.to(device)
-    n = len(data)
-    bs = min(cfg.batch_size, n)
-    n_batches = n // bs  # drop the ragged last batch: every step sees bs - 1 negatives
-    end_epoch = cfg.epochs if max_epochs_this_call is None else min(
-        cfg.epochs, start_epoch - 1 + max_epochs_this_call)
-    lrs_since_ckpt: list[float] = []
-    bar = tqdm(range(start_epoch, end_epoch + 1), desc="pretrain clip", unit="epoch",
-               disable=not progress, initial=start_epoch - 1, total=cfg.epochs)
-    for epoch in bar:
-        lr = epoch_lr(cfg, epoch)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        lrs_since_ckpt.append(lr)
-        model.train()
-        perm = np.random.default_rng([cfg.seed, epoch]).permutation(n)
-        t0, total = time.perf_counter(), 0.0
-        for b in range(n_batches):
-            sel = perm[b * bs: (b + 1) * bs]
-            x = augment_batch(images[sel], data.sizes[sel], data.ids[sel], cfg.seed,
-                              stream_id(PRETRAIN_STREAM, epoch, 0), augment)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                img = model.encode_image(x)
-                txt = model.encode_text(tokens[sel])
-            loss = clip_infonce(img.float(), txt.float(), model.logit_scale())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():  # open_clip's clamp: exp(logit_scale) <= 100
-                model.clip.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
-            step += 1
-            total += loss.item()
-        bar.set_postfix(loss=f"{total / max(n_batches, 1):.3f}",
-                        scale=f"{model.logit_scale().item():.1f}",
-                        ips=f"{n_batches * bs / (time.perf_counter() - t0):.0f}")
-        if epoch % cfg.ckpt_every == 0 or epoch == cfg.epochs:
-            save_checkpoint(out, manifest, model.clip, opt, epoch, step,
-                            float(np.mean(lrs_since_ckpt)))
-            lrs_since_ckpt = []
+
+    def train_batch(sel: np.ndarray, epoch: int) -> float:
+        x = augment_batch(images[sel], data.sizes[sel], data.ids[sel], cfg.seed,
+                          stream_id(PRETRAIN_STREAM, epoch, 0), augment)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            img = model.encode_image(x)
+            txt = model.encode_text(tokens[sel])
+        loss = clip_infonce(img.float(), txt.float(), model.logit_scale())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():  # open_clip's clamp: exp(logit_scale) <= 100
+            model.clip.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
+        return loss.item()
+
+    # every step sees batch_size - 1 negatives (the ragged last batch is dropped)
+    train_epochs(cfg, model, opt, len(data), start_epoch, step, max_epochs_this_call,
+                 train_batch,
+                 lambda epoch, step, lr: save_checkpoint(out, manifest, model.clip, opt, epoch,
+                                                         step, lr),
+                 "pretrain clip", progress,
+                 postfix=lambda: {"scale": f"{model.logit_scale().item():.1f}"})
     model.eval()
     return Run(out)
 
