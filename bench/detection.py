@@ -475,7 +475,9 @@ WHY_NOT_REACHED = [
     "3. **Early checkpoints add noise.** With one draw, poisons against clean trucks separate "
     "best at the final checkpoint and worse the earlier the checkpoint (seed 2, AUC 0.53 at "
     "epoch 5, 0.64 at 45, 0.72 at 60, 0.81 at 75); summing the last 2–6 checkpoints gives "
-    "0.75–0.80.",
+    "0.75–0.80. The maximum over 16 draws does not change the order: at epoch 45 it gives "
+    "poisons against clean trucks AUC 0.783 (0.947 at 75; seed 2, 5 instances; "
+    "`bench/experiments/mid_checkpoint.py`).",
     "", "What this leaves: on seeds 1 and 2 (final checkpoint, max over draws, 5 instances) "
     "the best threshold anyone could pick with the labels in hand gives DACC 0.937 and 0.973; "
     "`last-max16x5-k6`'s MAD threshold gives 0.935 and 0.964. So the threshold is not what "
