@@ -77,12 +77,18 @@ class GridConfig:
         return self.attack in CLIP_ATTACKS
 
     @property
+    def rate_tag(self) -> str:
+        """The poison rate in percent: ``05`` for 5%, ``0p5`` for 0.5%."""
+        pct = round(self.poison_rate * 100, 6)
+        return f"{round(pct):02d}" if pct == round(pct) else f"{pct:g}".replace(".", "p")
+
+    @property
     def name(self) -> str:
         if self.is_clip:  # CLIP attacks carry their own triggers (ClipAttackConfig)
-            return (f"{self.attack}-r{round(self.poison_rate * 100):02d}-t{self.target_class}"
+            return (f"{self.attack}-r{self.rate_tag}-t{self.target_class}"
                     f"-seed{self.seed}-{self.model}-e{self.epochs}")
         loc = "".join(w[0] for w in self.trigger_location.split("-"))
-        return (f"{self.attack}-r{round(self.poison_rate * 100):02d}-s{self.trigger_size}-{loc}"
+        return (f"{self.attack}-r{self.rate_tag}-s{self.trigger_size}-{loc}"
                 f"-{self.trigger_shape}-t{self.target_class}-seed{self.seed}-{self.model}"
                 f"-e{self.epochs}")
 
@@ -181,7 +187,7 @@ GRIDS = {
     # another target class (airplane): ~15 min each on one core
     "clip-more": [replace(_clip, poison_rate=r) for r in (0.01, 0.02)]
     + [replace(_clip, seed=2), replace(_clip, attack="corruptencoder", poison_rate=0.15, seed=2),
-       replace(_clip, target_class=0)],
+       replace(_clip, target_class=0), replace(_clip, poison_rate=0.005)],
     "seeds": [replace(_base, seed=s) for s in (0, 1, 2)]
     + [replace(_base, target_class=c) for c in (0, 3)],
 }

@@ -35,6 +35,17 @@ def test_config_names_are_unique_across_the_grids():
     assert len({c.name for c in configs}) == len(configs)
 
 
+def test_config_names_keep_their_rate_tags():
+    # cached runs are found by name: whole percents keep the two-digit tag they had
+    from dataclasses import replace
+
+    base = detection.GridConfig()
+    assert [replace(base, poison_rate=r).rate_tag for r in (0.01, 0.05, 0.10, 0.15)] == [
+        "01", "05", "10", "15"]
+    assert replace(base, poison_rate=0.005).rate_tag == "0p5"
+    assert replace(base, poison_rate=0.075).name.startswith("pe2-r7p5-")
+
+
 def _row(config, method, dacc, took=True, attack="pe2"):
     return {"config": config, "method": method, "attack": attack, "took": took,
             "dacc": dacc, "fpr": 1 - dacc, "fnr": 1 - dacc, "auc": dacc}
