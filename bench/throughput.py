@@ -149,6 +149,23 @@ def _head(index, n: int, root: Path):
     return SampleIndex(out)
 
 
+def _scoring_setup(run, index, insts, device: str):
+    """The engine on the final checkpoint, its model and cosine gradients, the scored
+    parameters (name -> tensor) and their gradients stacked (K, P): what the baselines
+    that materialize per-sample gradients start from."""
+    import torch
+
+    from ffengine.engine.head import scored_parameters
+    from ffengine.engine.scoring import Engine
+
+    eng = Engine(run, checkpoints="last", progress=False, device=device)
+    state = eng.prepare(insts, index)  # a prefix of the run's data: no index check
+    model, grads = state.models[0], state.grads[0]
+    params = dict(scored_parameters(model, run.manifest["scored_layers"]))
+    G = torch.cat([grads[k].reshape(grads[k].shape[0], -1) for k in params], 1)
+    return eng, model, grads, params, G
+
+
 def _vmap_scores(run, index, insts, device: str = "cpu") -> tuple[float, int]:
     """Materialized per-sample head gradients with torch.func, dotted with G: the baseline
     the ghost path replaces. Same views and batches as the engine's."""
@@ -156,17 +173,10 @@ def _vmap_scores(run, index, insts, device: str = "cpu") -> tuple[float, int]:
     from torch.func import functional_call, grad, vmap
 
     from ffengine.data.loader import iter_chunks
-    from ffengine.engine.head import scored_parameters
-    from ffengine.engine.scoring import Engine
     from ffengine.losses import nt_xent_sample_loss_onehot
 
-    eng = Engine(run, checkpoints="last", progress=False, device=device)
-    state = eng.prepare(insts, index)  # a prefix of the run's data: no index check
-    model, grads = state.models[0], state.grads[0]
+    eng, model, grads, params, G = _scoring_setup(run, index, insts, device)
     tau = run.manifest["objective"]["temperature"]
-    layers = run.manifest["scored_layers"]
-    params = dict(scored_parameters(model, layers))
-    G = torch.cat([grads[k].reshape(grads[k].shape[0], -1) for k in params], 1)
     head_params = {k.removeprefix("head."): v.detach() for k, v in model.head.named_parameters()}
     buffers = {k: v for k, v in model.head.named_buffers()}
     scored = [k.removeprefix("head.") for k in params]
@@ -207,18 +217,11 @@ def _naive_scores(run, index, insts, device: str = "cpu") -> tuple[float, int]:
 
     from ffengine.data.augment import augment_batch, stream_id
     from ffengine.data.loader import iter_chunks
-    from ffengine.engine.head import scored_parameters
-    from ffengine.engine.scoring import Engine
     from ffengine.engine.simclr_objective import SCORE_STREAM
     from ffengine.losses import nt_xent_sample_loss
 
-    eng = Engine(run, checkpoints="last", progress=False, device=device)
-    state = eng.prepare(insts, index)  # a prefix of the run's data: no index check
-    model, grads = state.models[0], state.grads[0]
+    eng, model, grads, params, G = _scoring_setup(run, index, insts, device)
     tau = run.manifest["objective"]["temperature"]
-    params = [q for _, q in scored_parameters(model, run.manifest["scored_layers"])]
-    G = torch.cat([grads[k].reshape(grads[k].shape[0], -1)
-                   for k, _ in scored_parameters(model, run.manifest["scored_layers"])], 1)
     obj = eng.objective
     images, checked = 0, False
     t0 = time.perf_counter()
@@ -237,7 +240,8 @@ def _naive_scores(run, index, insts, device: str = "cpu") -> tuple[float, int]:
                 with torch.enable_grad():
                     z_i = model.head(model.features(x_i))
                     z = z_all.index_put((torch.tensor([i, b + i], device=z_all.device),), z_i)
-                    g = torch.autograd.grad(nt_xent_sample_loss(z, i, tau), params)
+                    g = torch.autograd.grad(nt_xent_sample_loss(z, i, tau),
+                                            list(params.values()))
                 flat = torch.cat([t.reshape(-1) for t in g])
                 norm = torch.linalg.vector_norm(flat)
                 if norm > 0:

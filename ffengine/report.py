@@ -169,7 +169,8 @@ def domain_table(
     test = domain_suspicion(hits, totals, alpha, min_ratio)
     rows = [
         {"domain": str(names[d]), "flagged": int(hits[d]), "total": int(totals[d]),
-         "rate": float(hits[d] / totals[d]) if totals[d] else 0.0, "ratio": _finite_or_none(test["ratio"][d]),
+         "rate": float(hits[d] / totals[d]) if totals[d] else 0.0,
+         "ratio": _finite_or_none(test["ratio"][d]),
          "p_value": float(test["p_value"][d]), "suspicious": bool(test["suspicious"][d]),
          "skipped": int(n_skipped[d])}
         for d in sorted(names) if totals[d] + n_skipped[d] > 0
