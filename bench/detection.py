@@ -15,6 +15,7 @@ made them; ``docs/RESULTS.md`` is generated from that file.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import platform
 import shlex
@@ -39,7 +40,7 @@ from ffengine.engine.backdoor import (
     with_optimized_references,
 )
 from ffengine.engine.instance import load_instance, save_instances
-from ffengine.engine.scoring import Engine, aggregate_draws, detection_scores
+from ffengine.engine.scoring import Engine, aggregate_draws, checkpoint_weights, detection_scores
 from ffengine.io_utils import atomic_write_bytes, atomic_write_json
 from ffengine.methods import DEFAULT_CLIP_METHOD, DEFAULT_METHOD, Method
 from ffengine.methods import METHODS as PRODUCT_METHODS
@@ -149,7 +150,8 @@ PAPER_CKPT_EVERY = 15
 ABLATIONS = {"optref": {"paper-optref": Method(), "paper-optref-5inst": Method(instances=5)},
              "fc2": {"paper-fc2": Method(), "paper-fc2-5inst": Method(instances=5)},
              # Table 6's number of checkpoints: 15 (every 5 epochs) against the 5 of "paper"
-             "ckpt15": {"paper-ckpt15": Method(), "paper-ckpt15-5inst": Method(instances=5)}}
+             "ckpt15": {"paper-ckpt15": Method(), "paper-ckpt15-5inst": Method(instances=5),
+                        "paper-ckpt15-rise-5inst": Method(instances=5, weighting="rise")}}
 
 METHODS = {
     **PRODUCT_METHODS,
@@ -162,6 +164,10 @@ METHODS = {
     # Table 6's other checkpoint count: the final checkpoint alone, one draw
     "paper-ckpt1": Method(checkpoints="last"),
     "paper-k6": Method(k=6.0),
+    # the issue's checkpoint weighting by how much cos(f(x_b), f(x_r)) rose since the
+    # previous checkpoint (Engine's weighting="rise"): a slice of the paper's trace
+    "paper-rise": Method(weighting="rise"),
+    "paper-rise-5inst": Method(weighting="rise", instances=5),
     **{name: m for group in ABLATIONS.values() for name, m in group.items()},
 }
 
@@ -172,7 +178,8 @@ GRIDS = {
     # the demo's configuration
     "demo": [_base],
     # poison rate and attack variant first: where the attack takes at this scale
-    "rates": [replace(_base, poison_rate=r) for r in (0.01, 0.03, 0.05, 0.10)],
+    # (7.5%: between 5%, where PE-II did not take at this scale, and 10%, where it did)
+    "rates": [replace(_base, poison_rate=r) for r in (0.01, 0.03, 0.05, 0.075, 0.10)],
     "attacks": [_base, replace(_base, attack="pe1")],
     "trigger": [replace(_base, trigger_size=s) for s in (4, 6, 8, 10)]
     + [replace(_base, trigger_location="random"), replace(_base, trigger_shape="triangle"),
@@ -229,9 +236,11 @@ def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool)
     for name in methods:
         m = METHODS[name]
         tname = trace_name(name, cfg.is_clip)
-        terms = np.load(work / "traces" / f"v2-{tname}" / "terms.npy", mmap_mode="r")
+        tdir = work / "traces" / f"v2-{tname}"
+        terms = np.load(tdir / "terms.npy", mmap_mode="r")
+        cos = np.array(json.loads((tdir / "summary.json").read_text())["cos_per_checkpoint"])
         metrics = method_metrics(terms, m, truth, index.labels, cfg.target_class,
-                                 domains=(index.domains, index.domain_names))
+                                 domains=(index.domains, index.domain_names), cos=cos)
         rows.append({"config": cfg.name, **asdict(cfg), "method": name, **asdict(m),
                      **strength, "took": took, **metrics,
                      "x_b": instances[0].meta.get("x_b_source"),
@@ -358,13 +367,20 @@ def _optimized_instances(run: Run, instances: list, out: Path) -> tuple[list, li
 
 
 def method_metrics(terms: np.ndarray, m: Method, truth: dict, labels: np.ndarray,
-                   target: int, domains: tuple[np.ndarray, list[str]] | None = None) -> dict:
+                   target: int, domains: tuple[np.ndarray, list[str]] | None = None,
+                   cos: np.ndarray | None = None) -> dict:
     """A method's detection scores and metrics from a trace's (T, D, n, K) terms: the same
-    aggregation ``Engine`` and ``trace`` apply (sum over checkpoints, ``aggregate`` over
-    draws, mean over instances, MAD rule with ``k``). ``fpr_target`` / ``fpr_other``: the
-    false-positive rate among clean images of the target class / of the other classes."""
+    aggregation ``Engine`` and ``trace`` apply (sum over checkpoints, weighted as the
+    method says by the trace's cos (T, K), ``aggregate`` over draws, mean over instances,
+    MAD rule with ``k``). ``fpr_target`` / ``fpr_other``: the false-positive rate among clean
+    images of the target class / of the other classes."""
     k_used = min(m.instances, terms.shape[3])
-    scores = aggregate_draws(np.asarray(terms[:, : m.draws, :, :k_used]), m.aggregate)
+    if m.weighting != "lr" and cos is None:
+        raise ValueError(f"weighting {m.weighting!r} needs the trace's cos per checkpoint")
+    weights = None if cos is None else checkpoint_weights(np.asarray(cos)[:, :k_used],
+                                                          m.weighting)
+    scores = aggregate_draws(np.asarray(terms[:, : m.draws, :, :k_used]), m.aggregate,
+                             weights)
     det = detection_scores(scores)
     flagged = flag(det, m.k)
     d = detection_metrics(flagged, truth["poisoned_ids"], truth["n"], scores=det)
@@ -414,6 +430,15 @@ def load_results() -> dict:
 
 
 def save_rows(rows: list[dict], command: str) -> None:
+    """Merge ``rows`` into the results file; an exclusive lock keeps two harness processes
+    (a SimCLR and a CLIP configuration side by side) from dropping each other's rows."""
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _merge_rows(rows, command)
+
+
+def _merge_rows(rows: list[dict], command: str) -> None:
     res = load_results()
     new = {(x["config"], x["method"]) for x in rows}
     # rows of methods no longer defined are dropped, not left to mislead
@@ -424,7 +449,6 @@ def save_rows(rows: list[dict], command: str) -> None:
         r["machine"] = f"{platform.machine()} {platform.processor() or ''} {cpu_name()}".strip()
         r["date"] = time.strftime("%Y-%m-%d")
     res["rows"] = keep + rows
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(RESULTS, res)
 
 
@@ -513,6 +537,16 @@ WHY_NOT_REACHED = [
     "on seed 1 (AUC 0.924) but not on seed 2 (0.847); summed with the default score "
     "(each robustly standardized) it gives AUC 0.985 and 0.992 (default 0.958 and 0.992) "
     "but DACC at k = 6 0.948 and 0.927 (FNR 0.56 and 0.81). None is kept.",
+    "* weighting each checkpoint by how much cos(f(x_b), f(x_r)) rose since the previous one "
+    "(`--weighting rise`, methods `paper-rise`, `paper-rise-5inst`, `paper-ckpt15-rise-5inst`; "
+    "2026-12-02, sliced from the cached `paper` traces): against Eq. 5 with the same "
+    "instances, AUC 0.856 → 0.865 on seed 1 but 0.910 → 0.851 on seed 2 (5 checkpoints; "
+    "0.862 → 0.884 and 0.915 → 0.888 with 15), far below the final checkpoint with the max "
+    "over draws (0.958, 0.992). On CLIP it removes the early-checkpoint noise that `last-x5` "
+    "avoids (CorruptEncoder seed 0: AUC 0.613 → 0.876) but is not better than `last-x5` "
+    "anywhere it matters, and with one instance it can zero a whole trace: on Carlini-Terzis "
+    "5% seeds 0 and 2 the first instance's cosine never rose after the first checkpoint, so "
+    "every score is 0 and nothing is flagged (the engine warns).",
     "", "**CLIP.** On Carlini-Terzis 5% the clean truck/\"truck\" pairs outscore the poisons "
     "(final checkpoint, 5 instances: AUC of poisons against clean target-class pairs 0.06), "
     "so every sample-level method misses nearly all poisons at a usable FPR (FNR at 1% FPR "

@@ -230,6 +230,7 @@ def cmd_trace(a: argparse.Namespace) -> int:
         ckpts = [int(x) for x in ckpts.split(",")]
     draws = m.draws if a.draws is None else a.draws
     aggregate = a.aggregate or m.aggregate
+    weighting = a.weighting or m.weighting
     k = m.k if a.k is None else a.k
     timeout = datetime.timedelta(minutes=a.dist_timeout)
     with process_group_from_env(a.device, timeout=timeout) as dist:
@@ -238,7 +239,7 @@ def cmd_trace(a: argparse.Namespace) -> int:
                         batch_size=a.batch_size, seed=a.seed, chunk_batches=a.chunk_batches,
                         workers=a.workers, progress=not a.quiet and dist.is_main,
                         layers=a.layers.split(",") if a.layers else None,
-                        precision=a.precision)
+                        precision=a.precision, weighting=weighting)
         summary = trace(engine, SampleIndex(a.index), [load_instance(p) for p in a.instance],
                         a.output, k=k, instance_paths=a.instance, dist=dist)
     if summary is None:  # ranks other than 0: rank 0 reports
@@ -362,13 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True)
     q.add_argument("--method", default=None, choices=sorted(METHODS),
                    help=f"named scoring method (default: {DEFAULT_METHOD} for SimCLR runs, "
-                        f"{DEFAULT_CLIP_METHOD} for CLIP runs); the four options below "
+                        f"{DEFAULT_CLIP_METHOD} for CLIP runs); the five options below "
                         "override its settings")
     q.add_argument("--k", type=float, default=None, help="MAD multiplier (paper: 3)")
     q.add_argument("--checkpoints", default=None, help="all, last, or epochs like 15,75")
     q.add_argument("--draws", type=int, default=None, help="augmentation draws per sample")
     q.add_argument("--aggregate", default=None, choices=["mean", "max", "median"],
                    help="how draws combine")
+    q.add_argument("--weighting", default=None, choices=["lr", "rise"],
+                   help="how checkpoints count: lr (Eq. 5) or rise (also by how much "
+                        "cos(f(x_b), f(x_r)) rose since the previous checkpoint)")
     q.add_argument("--batch-size", type=int, default=None,
                    help="scoring batch: the negatives (default: pre-training batch size)")
     q.add_argument("--chunk-batches", type=int, default=16,

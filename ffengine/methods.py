@@ -22,16 +22,20 @@ class Method:
     aggregate: str = "mean"  # over draws: mean, max or median
     instances: int = 1  # backdoor instances, scores averaged (PE-I has one x_b: 1)
     k: float = 3.0
+    # how checkpoints count besides their learning rate: "lr" (Eq. 5) or "rise" (by how much
+    # cos(f(x_b), f(x_r)) rose since the previous checkpoint; Engine's ``weighting``)
+    weighting: str = "lr"
 
     def engine_options(self) -> dict:
         return {"checkpoints": self.checkpoints, "draws": self.draws,
-                "aggregate": self.aggregate}
+                "aggregate": self.aggregate, "weighting": self.weighting}
 
     def describe(self) -> str:
         ckpts = "every checkpoint" if self.checkpoints == "all" else "the last checkpoint"
         draws = "1 draw" if self.draws == 1 else f"{self.aggregate} over {self.draws} draws"
         inst = "1 instance" if self.instances == 1 else f"mean of {self.instances} instances"
-        return f"{ckpts}, {draws}, {inst}, MAD k = {self.k:g}"
+        rise = ", weighted by the cosine's rise" if self.weighting == "rise" else ""
+        return f"{ckpts}{rise}, {draws}, {inst}, MAD k = {self.k:g}"
 
     def to_dict(self) -> dict:
         return asdict(self)

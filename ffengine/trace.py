@@ -46,7 +46,7 @@ from .detect import MADStats, flag, robust_stats
 from .engine import distributed
 from .engine.distributed import Dist
 from .engine.instance import Instance
-from .engine.scoring import Engine
+from .engine.scoring import Engine, checkpoint_weights
 from .engine.store import (
     PARTIAL_DIR,
     SUMMARY,
@@ -107,7 +107,11 @@ def trace(engine: Engine, index: SampleIndex, instances: Sequence[Instance], out
         # a collective: also waits until every rank's pieces are done
         counts = dist.all_reduce_sum(np.array([done_before, len(store.log.done) - done_before,
                                                store.n_pieces], np.int64))
-        _, det_path = dist.run_everywhere(lambda: store.write_scores(engine.aggregate))
+        # rank 0 always holds cos; the others need it only to weight checkpoints by it
+        cos = dist.broadcast(cos) if engine.weighting != "lr" else cos
+        weights = None if cos is None else checkpoint_weights(cos, engine.weighting)
+        _, det_path = dist.run_everywhere(
+            lambda: store.write_scores(engine.aggregate, weights))
     finally:
         store.close()
     stats = robust_stats(det_path, allreduce=dist.all_reduce_sum)  # exact, over all ranks
@@ -160,6 +164,7 @@ def _report(engine: Engine, index: SampleIndex, out: Path, k: float, stats: MADS
     plot_score_distribution(det, float(thr), out / "scores.png",
                             title=f"maliciousness scores (n={n}, k={k:g})")
     del det
+    weights = checkpoint_weights(cos, engine.weighting)
     summary = {
         "n": n,
         "n_scored": int(stats.n),
@@ -173,6 +178,9 @@ def _report(engine: Engine, index: SampleIndex, out: Path, k: float, stats: MADS
         "cos_per_checkpoint": cos.tolist(),
         "draws": engine.draws,
         "aggregate": engine.aggregate,
+        "weighting": engine.weighting,
+        # (T, K) multipliers of each checkpoint's terms; null for "lr" (Eq. 5 as written)
+        "checkpoint_weights": None if weights is None else weights.tolist(),
         "chunk_size": engine.chunk_size,
         # (checkpoint, chunk) pieces: how many, and how many an earlier, interrupted call
         # had finished; scored = total - done_before, each piece exactly once

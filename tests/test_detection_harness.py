@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -88,3 +89,24 @@ def test_summary_keeps_clip_configurations_apart():
     s = detection.summary(rows)
     assert s["n_configs"] == 2 and s["paper"]["dacc_min"] == 0.8
     assert s["clip"]["n_configs"] == 1 and s["clip"]["paper"]["dacc_min"] == 0.2
+
+
+def test_rise_methods_weight_the_instances_they_use_by_the_traces_cosines():
+    """method_metrics slices the trace's cos (T, K) to the instances a method averages, and
+    a rise method without the cosines is an error, not Eq. 5 in disguise."""
+    rng = np.random.default_rng(0)
+    T, D, n, K = 3, 1, 200, 5
+    truth = {"poisoned_ids": list(range(10)), "n": n}
+    labels = rng.integers(0, 10, n)
+    terms = rng.normal(size=(T, D, n, K)).astype(np.float32)
+    # only checkpoint 2 of instance 0 rises, and only there do the poisons stand out
+    cos = np.array([[0.5] * K, [0.4] * K, [0.9] + [0.1] * (K - 1)])
+    terms[2, :, :10, 0] += 20
+    terms[1, :, 10:20, 0] += 20  # a fall: weighted 0 by rise, counted by Eq. 5
+    rise = detection.METHODS["paper-rise"]
+    m = detection.method_metrics(terms, rise, truth, labels, 9, cos=cos)
+    assert m["auc"] == 1.0 and m["fnr"] == 0.0 and m["n_instances"] == 1
+    eq5 = detection.method_metrics(terms, detection.METHODS["paper"], truth, labels, 9)
+    assert eq5["auc"] < 1.0
+    with pytest.raises(ValueError, match="cos"):
+        detection.method_metrics(terms, rise, truth, labels, 9)

@@ -16,7 +16,8 @@ from ffengine.methods import (
 
 def test_paper_method_is_eq5_as_written():
     m = get_method("paper")
-    assert m.engine_options() == {"checkpoints": "all", "draws": 1, "aggregate": "mean"}
+    assert m.engine_options() == {"checkpoints": "all", "draws": 1, "aggregate": "mean",
+                                  "weighting": "lr"}
     assert (m.instances, m.k) == (1, 3.0)
     assert "every checkpoint" in m.describe() and "k = 3" in m.describe()
 
@@ -26,6 +27,7 @@ def test_default_method_exists_and_every_method_is_valid():
     for m in METHODS.values():
         assert m.checkpoints in ("all", "last") and m.draws >= 1 and m.instances >= 1
         assert m.aggregate in ("mean", "max", "median") and m.k >= 0
+        assert m.weighting in ("lr", "rise")
 
 
 def test_unknown_method_says_which_exist():

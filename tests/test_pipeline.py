@@ -281,6 +281,10 @@ def test_cli_end_to_end(small, tmp_path, capsys):
     np.testing.assert_allclose(np.load(tmp_path / "t2" / "scores.npy")[:, 0],
                                terms[0, :, :, 0].max(0), rtol=1e-6)
     assert t2["n"] == 106
+    # --weighting rise needs two checkpoints; this run has one: a one-line error, exit 1
+    assert main(["trace", "--run", str(run), "--index", str(data / "index"), "--instance",
+                 str(inst), "-o", str(tmp_path / "t3"), "--weighting", "rise", "--quiet"]) == 1
+    assert "at least 2 checkpoints" in capsys.readouterr().err
     e = call("eval", "--truth", data / "truth.json", out, "--json")
     assert {"dacc", "fpr", "fnr", "auc", "n", "n_poisoned", "n_flagged"} <= set(e)
     assert e["n_poisoned"] == 10 and e["n_flagged"] == t["n_flagged"]
@@ -294,3 +298,56 @@ def test_cli_errors_exit_1_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["trace"])
     assert e.value.code == 2
+
+
+def test_rise_weighting_scores_each_checkpoint_by_the_cosines_rise(small, tmp_path):
+    """weighting="rise": Engine.score and trace give Σ_t max(0, cos_t - cos_{t-1}) · term_t,
+    per instance, from the same terms as Eq. 5 (which the weighting does not touch)."""
+    from ffengine.trace import trace
+
+    model = small["run"].load_model(small["run"].checkpoints[-1])
+    a, b = find_instances(model, small["cfg"], small["clean"], small["test"], count=2)
+    kw = dict(progress=False, batch_size=24, draws=2, aggregate="max")
+    # this 2-epoch run's cosines barely move (and fall): set them, so that one instance's
+    # rises by 0.4 and the other's falls, through the engine's own prepare()
+    cos = np.array([[0.3, 0.9], [0.7, 0.5]], dtype=np.float32)
+
+    def engine(**extra):
+        e = Engine(small["run"], **kw, **extra)
+        prepare = e.prepare
+
+        def with_cos(*args, **kwargs):
+            state = prepare(*args, **kwargs)
+            state.cos = cos.copy()
+            return state
+
+        e.prepare = with_cos
+        return e
+
+    lr = engine().score(small["index"], [a, b])
+    with pytest.warns(UserWarning, match=r"never rose .* \[1\]"):  # instance 1's fell
+        rise = engine(weighting="rise").score(small["index"], [a, b])
+    np.testing.assert_array_equal(rise.terms, lr.terms)
+    assert lr.terms.shape[0] == 2 and np.abs(lr.terms[1, :, :, 0]).max() > 0
+    want = np.zeros(lr.scores.shape)
+    want[:, 0] = (np.float64(cos[1, 0]) - cos[0, 0]) * lr.terms[1, :, :, 0].max(axis=0)
+    scale = np.abs(lr.terms).max()
+    np.testing.assert_allclose(rise.scores, want, rtol=1e-5, atol=1e-6 * scale)
+    with pytest.warns(UserWarning, match="never rose"):
+        summary = trace(engine(weighting="rise"), small["index"], [a, b], tmp_path / "t",
+                        k=3.0)
+    assert summary["weighting"] == "rise"
+    np.testing.assert_allclose(summary["checkpoint_weights"], [[0.0, 0.0], [0.4, 0.0]],
+                               rtol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "t" / "scores.npy"), rise.scores,
+                               rtol=1e-5, atol=1e-6 * scale)
+    # the weighting is an option of the result: another one is refused, not mixed in
+    with pytest.raises(ManifestMismatchError):
+        trace(Engine(small["run"], **kw), small["index"], [a, b], tmp_path / "t", k=3.0)
+
+
+def test_rise_weighting_needs_two_checkpoints(small):
+    with pytest.raises(ConfigError, match="at least 2 checkpoints"):
+        Engine(small["run"], checkpoints="last", weighting="rise")
+    with pytest.raises(ConfigError, match="weighting"):
+        Engine(small["run"], weighting="steps")

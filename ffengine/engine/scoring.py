@@ -20,6 +20,7 @@ its chunk.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from .instance import Instance
 from .objective import objective_for
 
 AGGREGATES = ("mean", "max", "median")
+CHECKPOINT_WEIGHTS = ("lr", "rise")
 
 
 @dataclass
@@ -74,9 +76,43 @@ def detection_scores(scores: np.ndarray) -> np.ndarray:
     return np.asarray(scores, dtype=np.float32).mean(axis=1, dtype=np.float32)
 
 
-def aggregate_draws(terms: np.ndarray, how: str) -> np.ndarray:
-    """(T, D, n, K) terms -> (n, K) scores: sum over checkpoints, then ``how`` over draws."""
-    per_draw = terms.sum(axis=0, dtype=np.float64)  # (D, n, K)
+def checkpoint_weights(cos: np.ndarray, how: str) -> np.ndarray | None:
+    """(T, K) multipliers of each checkpoint's (already learning-rate-weighted) terms, per
+    instance, from ``cos`` (T, K) = cos(f_t(x_b), f_t(x_r)) at the selected checkpoints.
+
+    ``lr``: None (Eq. 5 as written: every checkpoint counts with its learning rate alone).
+    ``rise``: ``max(0, cos_t - cos_{t-1})``, how much the cosine rose over the epochs since
+    the previous selected checkpoint, so checkpoints from before the backdoor formed, or
+    while it was unlearned, count for nothing. The first selected checkpoint gets 0: runs do
+    not save the initial model, so the rise into it is unknown.
+    """
+    if how == "lr":
+        return None
+    if how != "rise":
+        raise ConfigError(f"checkpoint weighting {how!r} is unknown; expected one of "
+                          f"{CHECKPOINT_WEIGHTS}.")
+    cos = np.asarray(cos, dtype=np.float64)
+    w = np.zeros_like(cos)
+    w[1:] = np.maximum(0.0, np.diff(cos, axis=0))
+    flat = np.flatnonzero(~(w > 0).any(axis=0))
+    if len(flat):
+        warnings.warn(f"weighting 'rise': the cosine never rose between the selected "
+                      f"checkpoints for instance(s) {flat.tolist()}, so they score 0 for every "
+                      f"sample; select other checkpoints or use weighting 'lr'.", stacklevel=2)
+    return w
+
+
+def aggregate_draws(terms: np.ndarray, how: str,
+                    weights: np.ndarray | None = None) -> np.ndarray:
+    """(T, D, n, K) terms -> (n, K) scores: sum over checkpoints (each checkpoint and
+    instance times ``weights`` (T, K) when given), then ``how`` over draws."""
+    if weights is None:
+        per_draw = terms.sum(axis=0, dtype=np.float64)  # (D, n, K)
+    else:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != (terms.shape[0], terms.shape[3]):
+            raise ValueError(f"weights of shape {w.shape} for terms of shape {terms.shape}")
+        per_draw = np.einsum("tdnk,tk->dnk", terms, w, dtype=np.float64)
     if how == "mean":
         out = per_draw.mean(axis=0)
     elif how == "max":
@@ -98,6 +134,9 @@ class Engine:
         backend: ghost-score backend, ``auto|torch|cpu|triton|cuda``.
         draws: augmentation draws per sample and checkpoint (the paper: 1).
         aggregate: how per-draw scores combine: mean, max or median.
+        weighting: how checkpoints count besides their learning rate: "lr" (Eq. 5) or
+            "rise" (by how much cos(f(x_b), f(x_r)) rose since the previous selected
+            checkpoint, per instance: :func:`checkpoint_weights`; needs 2+ checkpoints).
         batch_size: scoring batch (the negatives); default: the pre-training batch size.
         seed: seeds the sample order and the scoring views.
         reference: score with the slow per-sample autograd reference instead of the ghost
@@ -114,7 +153,8 @@ class Engine:
                  draws: int = 1, aggregate: str = "mean", batch_size: int | None = None,
                  seed: int = 0, chunk_batches: int = 16, workers: int = 0,
                  progress: bool = True, reference: bool = False,
-                 layers: Sequence[str] | None = None, precision: str = "float32"):
+                 layers: Sequence[str] | None = None, precision: str = "float32",
+                 weighting: str = "lr"):
         self.run = run if isinstance(run, Run) else Run(run)
         self.objective = objective_for(self.run)
         supported = getattr(self.objective, "precisions", ("float32",))
@@ -148,6 +188,13 @@ class Engine:
         self.chunk_batches, self.workers, self.progress = chunk_batches, workers, progress
         self.reference = reference
         self.checkpoints = self._select(checkpoints)
+        if weighting not in CHECKPOINT_WEIGHTS:
+            raise ConfigError(f"weighting {weighting!r} is unknown; expected one of "
+                              f"{CHECKPOINT_WEIGHTS}.")
+        if weighting == "rise" and len(self.checkpoints) < 2:
+            raise ConfigError("weighting 'rise' compares each checkpoint's cosine with the "
+                              "previous one's: select at least 2 checkpoints (e.g. 'all').")
+        self.weighting = weighting
 
     def _select(self, which: str | Sequence[int]) -> list[Checkpoint]:
         ckpts = self.run.checkpoints
@@ -190,7 +237,8 @@ class Engine:
                 "device_type": self.device.type,
                 # only when not the default: earlier traces keep their metadata
                 **({"layers": list(self.objective.layers)} if self.layers_overridden else {}),
-                **({"precision": self.precision} if self.precision != "float32" else {})}
+                **({"precision": self.precision} if self.precision != "float32" else {}),
+                **({"weighting": self.weighting} if self.weighting != "lr" else {})}
 
     def prepare(self, instances: Sequence[Instance], index: SampleIndex) -> ScoringState:
         """Load every selected checkpoint and take its stacked cosine gradient."""
@@ -258,7 +306,8 @@ class Engine:
                     terms[t][:, batch.ids] = self.score_piece(state, t, batch, images)
             bar.update(len(batch) + len(batch.skipped))
         bar.close()
-        scores = aggregate_draws(terms, self.aggregate)
+        scores = aggregate_draws(terms, self.aggregate,
+                                 checkpoint_weights(state.cos, self.weighting))
         if skipped:
             scores[[i for i, _ in skipped]] = np.nan
         return ScoreResult(scores, terms, self.checkpoints, state.cos, skipped, self.backend)

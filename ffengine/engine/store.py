@@ -420,9 +420,11 @@ class RankStore:
                 pos.append(self.layout.offset(j) + np.flatnonzero(np.isin(self.chunks[j], ids)))
         return np.unique(np.concatenate(pos)) if pos else np.zeros(0, np.int64)
 
-    def write_scores(self, aggregate: str) -> tuple[Path, Path]:
+    def write_scores(self, aggregate: str,
+                     weights: np.ndarray | None = None) -> tuple[Path, Path]:
         """Aggregate this rank's terms into ``scores-rank{r}.npy`` (n_r, K) and
-        ``detection-rank{r}.npy`` (n_r,); samples that could not be decoded score NaN."""
+        ``detection-rank{r}.npy`` (n_r,); samples that could not be decoded score NaN.
+        ``weights``: (T, K) checkpoint multipliers (``scoring.checkpoint_weights``)."""
         missing = self.n_pieces - len(self.log.done)
         if missing:
             raise FFEngineError(f"rank {self.layout.rank} has {missing} unscored pieces left.")
@@ -434,7 +436,7 @@ class RankStore:
         def score_blocks() -> Iterator[tuple[slice, np.ndarray]]:
             for a in range(0, n_r, _BLOCK):
                 b = min(n_r, a + _BLOCK)
-                s = aggregate_draws(np.asarray(self.terms[:, :, a:b]), aggregate)
+                s = aggregate_draws(np.asarray(self.terms[:, :, a:b]), aggregate, weights)
                 s[bad[(bad >= a) & (bad < b)] - a] = np.nan
                 yield slice(a, b), s
 
