@@ -216,7 +216,7 @@ def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool)
         print(f"{cfg.name}: skipping {', '.join(skipped)} (CLIP scores one fixed view, and "
               "only the default variant is wired for its runs)", file=sys.stderr)
     methods = [m for m in methods if applies(m, cfg)]
-    trace_s: dict[str, float] = {}
+    times = _recorded_times(work, cfg.name, t_data, t_run)
     for name in _trace_order({trace_name(m, cfg.is_clip) for m in methods}):
         ckpts, draws, variant = TRACES[name]
         out = work / "traces" / f"v2-{name}"
@@ -229,7 +229,8 @@ def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool)
                             draws=draws, progress=progress,
                             layers=VARIANT_LAYERS.get(variant))
             trace(engine, index, insts, out, instance_paths=paths)
-        trace_s[name] = round(time.perf_counter() - t0, 1)
+            times["trace_s"][name] = round(time.perf_counter() - t0, 1)
+    atomic_write_json(work / "times.json", times)
 
     truth = load_truth(work / "data")
     rows = []
@@ -245,8 +246,8 @@ def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool)
                      **strength, "took": took, **metrics,
                      "x_b": instances[0].meta.get("x_b_source"),
                      "x_r": instances[0].meta.get("x_r_source"),
-                     "data_s": round(t_data, 1), "pretrain_s": round(t_run, 1),
-                     "trace_s": trace_s[tname]})
+                     "data_s": times["data_s"], "pretrain_s": times["pretrain_s"],
+                     "trace_s": times["trace_s"].get(tname)})
     return rows
 
 
@@ -266,17 +267,47 @@ def _trace_order(names: set[str]) -> list[str]:
 
 def _data_and_run(work: Path, poison, pretrain_fn, pcfg, progress: bool):
     """The cached poisoned data (``poison(out_dir)`` makes it) and the run (``pretrain_fn``
-    resumes it from its last checkpoint), with the seconds each took in this call."""
-    t0 = time.perf_counter()
+    resumes it from its last checkpoint), with the seconds each took in this call (None
+    where it was cached)."""
+    t0, t_data, t_run = time.perf_counter(), None, None
     if not (work / "data" / "truth.json").exists():
         poison(work / "data")
+        t_data = time.perf_counter() - t0
     index = SampleIndex(work / "data" / "index")
-    t_data = time.perf_counter() - t0
     t0 = time.perf_counter()
-    run = Run(work / "run") if _finished(work / "run", pcfg.epochs) else pretrain_fn(
-        index, work / "run", pcfg, command="python " + " ".join(map(shlex.quote, sys.argv)),
-        progress=progress)
-    return index, run, t_data, time.perf_counter() - t0
+    if _finished(work / "run", pcfg.epochs):
+        run = Run(work / "run")
+    else:
+        run = pretrain_fn(index, work / "run", pcfg, progress=progress,
+                          command="python " + " ".join(map(shlex.quote, sys.argv)))
+        t_run = time.perf_counter() - t0
+    return index, run, t_data, t_run
+
+
+def _recorded_times(work: Path, config: str, t_data: float | None,
+                    t_run: float | None) -> dict:
+    """The wall times a configuration's work took when it was done (``work/times.json``), so
+    that rows re-scored from the cache report them rather than this call's near-zero ones.
+    Caches from before the file existed are seeded from their rows in the results file. A
+    pre-training resumed in this call records the part since the resume."""
+    path = work / "times.json"
+    if path.exists():
+        times = json.loads(path.read_text())
+    else:
+        old = [r for r in load_results()["rows"] if r["config"] == config]
+        traces: dict[str, float] = {}
+        for r in old:
+            if r["method"] in METHODS and r.get("trace_s"):
+                name = trace_name(r["method"], r.get("attack") in CLIP_ATTACKS)
+                traces[name] = max(traces.get(name, 0.0), r["trace_s"])
+        times = {"data_s": max((r.get("data_s") or 0 for r in old), default=None) or None,
+                 "pretrain_s": max((r.get("pretrain_s") or 0 for r in old), default=None)
+                 or None, "trace_s": traces}
+    if t_data is not None:
+        times["data_s"] = round(t_data, 1)
+    if t_run is not None:
+        times["pretrain_s"] = round(t_run, 1)
+    return times
 
 
 def _prepare_simclr(cfg: GridConfig, work: Path, progress: bool):
@@ -547,6 +578,12 @@ WHY_NOT_REACHED = [
     "anywhere it matters, and with one instance it can zero a whole trace: on Carlini-Terzis "
     "5% seeds 0 and 2 the first instance's cosine never rose after the first checkpoint, so "
     "every score is 0 and nothing is flagged (the engine warns).",
+    "* the draws' spread instead of their maximum (`bench/experiments/draw_spread.py`, the "
+    "cached final-checkpoint traces, 16 draws, 5 instances): a clean truck should raise the "
+    "cosine in every draw, a poison only in its straddling ones. Max − mean over draws: "
+    "poisons against clean trucks AUC 0.757 → 0.816 on seed 1 but 0.947 → 0.667 on seed 2; "
+    "max − median/2, top-2 mean and standardizing each instance before the mean move the "
+    "AUC by at most ±0.03 and DACC at k = 6 by at most 0.006 from the maximum's.",
     "", "**CLIP.** On Carlini-Terzis 5% the clean truck/\"truck\" pairs outscore the poisons "
     "(final checkpoint, 5 instances: AUC of poisons against clean target-class pairs 0.06), "
     "so every sample-level method misses nearly all poisons at a usable FPR (FNR at 1% FPR "
@@ -652,9 +689,11 @@ def write_markdown(rows: list[dict]) -> None:
             f"{'yes' if r['took'] else 'no'} | {r['dacc']:.4f} | {r['fpr']:.4f} | "
             f"{r['fnr']:.4f} | {r['auc']:.4f} | {r['fnr_at_fpr_1pct']:.4f} | "
             f"{_f(r.get('fpr_target'))} | {_f(r.get('fpr_other'))} | {r['n_flagged']} | "
-            f"{_domains_cell(r)} | {r['pretrain_s']} | {r['trace_s']} |")
-    lines += ["", "Times are this command's own: 0 where it reused a cached run, and the "
-              "trace time is that of the shared trace the method was sliced from. Domains: "
+            f"{_domains_cell(r)} | {_s(r['pretrain_s'])} | {_s(r['trace_s'])} |")
+    lines += ["", "Times (seconds) are those of the pre-training and of the shared trace the "
+              "method was sliced from, when they ran (`times.json` in the configuration's "
+              "cache), not those of a later command that re-scored the cached terms; rows "
+              "re-scored before 2026-12-02 show 0. Domains: "
               "attacker domains called suspicious / all attacker domains, then benign domains "
               "called suspicious / all benign ones (— where the row predates the verdict).",
               "", *WHY_NOT_REACHED, "", "Commands:", ""]
@@ -662,6 +701,10 @@ def write_markdown(rows: list[dict]) -> None:
         lines.append(f"* `{cmd}`")
     RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(RESULTS_MD, ("\n".join(lines) + "\n").encode())
+
+
+def _s(x) -> str:
+    return "n/a" if x is None else f"{x:g}"
 
 
 def _f(x) -> str:
