@@ -110,3 +110,24 @@ def test_rise_methods_weight_the_instances_they_use_by_the_traces_cosines():
     assert eq5["auc"] < 1.0
     with pytest.raises(ValueError, match="cos"):
         detection.method_metrics(terms, rise, truth, labels, 9)
+
+
+def test_recorded_times_survive_a_rescoring_call(tmp_path, monkeypatch):
+    """Rows re-scored from the cache report the pre-training and trace times of when they ran
+    (seeded from the results file for caches older than times.json), not ~0 s."""
+    old = [{"config": "c", "method": "paper", "attack": "pe2", "data_s": 2.0,
+            "pretrain_s": 600.0, "trace_s": 80.0},
+           {"config": "c", "method": "paper-rise", "attack": "pe2", "data_s": 0.0,
+            "pretrain_s": 0.0, "trace_s": 0.0},
+           {"config": "other", "method": "paper", "attack": "pe2", "data_s": 9.0,
+            "pretrain_s": 9.0, "trace_s": 9.0}]
+    monkeypatch.setattr(detection, "load_results", lambda: {"rows": old})
+    t = detection._recorded_times(tmp_path, "c", None, None)
+    assert t == {"data_s": 2.0, "pretrain_s": 600.0, "trace_s": {"all-d1": 80.0}}
+    # work done in this call replaces what was recorded; times.json wins over the rows
+    t = detection._recorded_times(tmp_path, "c", 1.26, 700.04)
+    assert (t["data_s"], t["pretrain_s"]) == (1.3, 700.0)
+    (tmp_path / "times.json").write_text('{"data_s": 5, "pretrain_s": 50, "trace_s": {}}')
+    assert detection._recorded_times(tmp_path, "c", None, None)["pretrain_s"] == 50
+    assert detection._recorded_times(tmp_path / "none", "new", None, None) == {
+        "data_s": None, "pretrain_s": None, "trace_s": {}}
