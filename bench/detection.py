@@ -584,6 +584,12 @@ WHY_NOT_REACHED = [
     "poisons against clean trucks AUC 0.757 → 0.816 on seed 1 but 0.947 → 0.667 on seed 2; "
     "max − median/2, top-2 mean and standardizing each instance before the mean move the "
     "AUC by at most ±0.03 and DACC at k = 6 by at most 0.006 from the maximum's.",
+    "* subtracting the median score of a sample's nearest neighbours in embedding space "
+    "(`bench/experiments/local_normalization.py`, final checkpoint, backbone or head space, "
+    "k = 10–200): a clean truck's neighbours are clean trucks, but 37–66% of a poison's "
+    "neighbours are poisons (they share the trigger), so the poisons cancel too: AUC against "
+    "clean trucks 0.757 → at most 0.794 on seed 1 and 0.947 → at most 0.940 on seed 2, DACC at "
+    "k = 6 never above the default's.",
     "", "**CLIP.** On Carlini-Terzis 5% the clean truck/\"truck\" pairs outscore the poisons "
     "(final checkpoint, 5 instances: AUC of poisons against clean target-class pairs 0.06), "
     "so every sample-level method misses nearly all poisons at a usable FPR (FNR at 1% FPR "
