@@ -142,12 +142,27 @@ class _ThreadDist(Dist):
         return self.hub.exchange(self.rank, obj, list)
 
 
-def _threaded_trace(setup, out, world: int, **kw) -> list:
+def _with_cos(engine: Engine, cos: np.ndarray) -> Engine:
+    """``engine`` whose prepare() reports ``cos`` (T, K) instead of the run's own."""
+    prepare = engine.prepare
+
+    def patched(*args, **kwargs):
+        state = prepare(*args, **kwargs)
+        state.cos = cos.copy()
+        return state
+
+    engine.prepare = patched
+    return engine
+
+
+def _threaded_trace(setup, out, world: int, cos: np.ndarray | None = None, **kw) -> list:
     hub, results = _Hub(world), [None] * world
 
     def rank(r: int) -> None:
         try:
             engine = Engine(setup["run"], progress=False, **kw)
+            if cos is not None:
+                engine = _with_cos(engine, cos)
             results[r] = trace(engine, SampleIndex(setup["root"] / "index"),
                                [setup["instance"]], out, dist=_ThreadDist(r, world, hub=hub))
         except Exception as e:  # handed to the test thread
@@ -178,3 +193,34 @@ def test_ranks_in_threads_equal_one_rank(setup, tmp_path, world, batch):
     results = _threaded_trace(setup, tmp_path / "many", world, **{**kw, "seed": 9})
     assert all(isinstance(r, ManifestMismatchError) for r in results), results
     assert all("options.seed = 0" in str(r) for r in results)
+
+
+def test_rise_weighting_reaches_every_rank(setup, tmp_path, monkeypatch):
+    """weighting="rise" needs cos on every rank to aggregate its shard, including a rank
+    whose pieces were all scored before a resume (it loads no checkpoint, so it has no cos
+    of its own): rank 0 broadcasts it."""
+    import ffengine.trace as trace_module
+
+    score_pieces = trace_module._score_pieces
+
+    def as_if_resumed(engine, index, instances, store, dist):
+        cos = score_pieces(engine, index, instances, store, dist)
+        return cos if dist.is_main else None  # what a rank with nothing left to do returns
+
+    monkeypatch.setattr(trace_module, "_score_pieces", as_if_resumed)
+    kw = dict(batch_size=8, chunk_batches=1, draws=1, weighting="rise")
+    cos = np.array([[0.2], [0.7]], dtype=np.float32)  # a rise of 0.5 into the last checkpoint
+    single = trace(_with_cos(Engine(setup["run"], progress=False, **kw), cos),
+                   setup["index"], [setup["instance"]], tmp_path / "one")
+    np.testing.assert_allclose(single["checkpoint_weights"], [[0.0], [0.5]], rtol=1e-6)
+    results = _threaded_trace(setup, tmp_path / "many", 3, cos=cos, **kw)
+    assert all(r is None for r in results[1:]), results
+    assert results[0]["checkpoint_weights"] == single["checkpoint_weights"]
+    assert_same_results(tmp_path / "many", tmp_path / "one")
+    scores = np.load(tmp_path / "one" / "scores.npy")
+    terms = np.load(tmp_path / "one" / "terms.npy")
+    assert np.abs(terms[1]).max() > 0
+    ok = ~np.isnan(scores[:, 0])  # the fixture's undecodable samples score NaN
+    assert 0 < ok.sum() < len(ok)
+    np.testing.assert_allclose(scores[ok, 0], 0.5 * terms[1, 0, ok, 0], rtol=1e-5,
+                               atol=1e-7 * np.abs(terms).max())
