@@ -472,9 +472,10 @@ def save_rows(rows: list[dict], command: str) -> None:
 def _merge_rows(rows: list[dict], command: str) -> None:
     res = load_results()
     new = {(x["config"], x["method"]) for x in rows}
-    # rows of methods no longer defined are dropped, not left to mislead
-    keep = [r for r in res["rows"] if (r["config"], r["method"]) not in new
-            and r["method"] in METHODS]
+    # rows of methods this process does not know are kept: it may predate them (a harness
+    # started before a method was added once dropped that method's rows); the reports leave
+    # out rows of methods no longer defined (main)
+    keep = [r for r in res["rows"] if (r["config"], r["method"]) not in new]
     for r in rows:
         r["command"] = command
         r["machine"] = f"{platform.machine()} {platform.processor() or ''} {cpu_name()}".strip()
@@ -756,7 +757,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r['config']:48s} {r['method']:12s} asr {r['asr']:.3f}/"
                       f"{r['asr_untriggered']:.3f} DACC {r['dacc']:.4f} FPR {r['fpr']:.4f} "
                       f"FNR {r['fnr']:.4f} AUC {r['auc']:.4f}", flush=True)
-    rows = load_results()["rows"]
+    # rows of methods no longer defined are kept in the file but not reported
+    rows = [r for r in load_results()["rows"] if r["method"] in METHODS]
     if a.write_md:
         write_markdown(rows)
     if a.summary:

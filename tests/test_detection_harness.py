@@ -131,3 +131,16 @@ def test_recorded_times_survive_a_rescoring_call(tmp_path, monkeypatch):
     assert detection._recorded_times(tmp_path, "c", None, None)["pretrain_s"] == 50
     assert detection._recorded_times(tmp_path / "none", "new", None, None) == {
         "data_s": None, "pretrain_s": None, "trace_s": {}}
+
+
+def test_saving_rows_never_drops_rows_of_methods_this_process_does_not_know(tmp_path,
+                                                                           monkeypatch):
+    """A harness process started before a method was added must not delete that method's
+    rows when it saves its own; the reports leave out methods no longer defined."""
+    monkeypatch.setattr(detection, "RESULTS", tmp_path / "detection.json")
+    detection.atomic_write_json(detection.RESULTS, {"rows": [
+        {"config": "a", "method": "newer-method", "dacc": 0.5},
+        {"config": "a", "method": "paper", "dacc": 0.1}]})
+    detection.save_rows([{"config": "a", "method": "paper", "dacc": 0.2}], "cmd")
+    rows = detection.load_results()["rows"]
+    assert {(r["method"], r["dacc"]) for r in rows} == {("newer-method", 0.5), ("paper", 0.2)}
