@@ -584,7 +584,7 @@ WHY_NOT_REACHED = [
     "cosine in every draw, a poison only in its straddling ones. Max − mean over draws: "
     "poisons against clean trucks AUC 0.757 → 0.816 on seed 1 but 0.947 → 0.667 on seed 2; "
     "max − median/2, top-2 mean and standardizing each instance before the mean move the "
-    "AUC by at most ±0.03 and DACC at k = 6 by at most 0.006 from the maximum's.",
+    "AUC against clean trucks by 0.035 at most and DACC at k = 6 by 0.006 at most.",
     "* subtracting the median score of a sample's nearest neighbours in embedding space "
     "(`bench/experiments/local_normalization.py`, final checkpoint, backbone or head space, "
     "k = 10–200): a clean truck's neighbours are clean trucks, but 37–66% of a poison's "

@@ -27,6 +27,7 @@ from .trace_fixture import (
     shared_reference,
     shared_setup,
     trace_args,
+    with_cos,
 )
 
 
@@ -142,19 +143,6 @@ class _ThreadDist(Dist):
         return self.hub.exchange(self.rank, obj, list)
 
 
-def _with_cos(engine: Engine, cos: np.ndarray) -> Engine:
-    """``engine`` whose prepare() reports ``cos`` (T, K) instead of the run's own."""
-    prepare = engine.prepare
-
-    def patched(*args, **kwargs):
-        state = prepare(*args, **kwargs)
-        state.cos = cos.copy()
-        return state
-
-    engine.prepare = patched
-    return engine
-
-
 def _threaded_trace(setup, out, world: int, cos: np.ndarray | None = None, **kw) -> list:
     hub, results = _Hub(world), [None] * world
 
@@ -162,7 +150,7 @@ def _threaded_trace(setup, out, world: int, cos: np.ndarray | None = None, **kw)
         try:
             engine = Engine(setup["run"], progress=False, **kw)
             if cos is not None:
-                engine = _with_cos(engine, cos)
+                engine = with_cos(engine, cos)
             results[r] = trace(engine, SampleIndex(setup["root"] / "index"),
                                [setup["instance"]], out, dist=_ThreadDist(r, world, hub=hub))
         except Exception as e:  # handed to the test thread
@@ -210,7 +198,7 @@ def test_rise_weighting_reaches_every_rank(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(trace_module, "_score_pieces", as_if_resumed)
     kw = dict(batch_size=8, chunk_batches=1, draws=1, weighting="rise")
     cos = np.array([[0.2], [0.7]], dtype=np.float32)  # a rise of 0.5 into the last checkpoint
-    single = trace(_with_cos(Engine(setup["run"], progress=False, **kw), cos),
+    single = trace(with_cos(Engine(setup["run"], progress=False, **kw), cos),
                    setup["index"], [setup["instance"]], tmp_path / "one")
     np.testing.assert_allclose(single["checkpoint_weights"], [[0.0], [0.5]], rtol=1e-6)
     results = _threaded_trace(setup, tmp_path / "many", 3, cos=cos, **kw)

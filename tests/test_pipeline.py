@@ -27,6 +27,8 @@ from ffengine.errors import ConfigError, DataError, ManifestMismatchError
 from ffengine.pretrain.simclr import PretrainConfig, pretrain
 from ffengine.run import Run
 
+from .trace_fixture import with_cos
+
 TINY = PretrainConfig(model="tiny", epochs=2, batch_size=32, ckpt_every=1, seed=3)
 
 
@@ -313,16 +315,7 @@ def test_rise_weighting_scores_each_checkpoint_by_the_cosines_rise(small, tmp_pa
     cos = np.array([[0.3, 0.9], [0.7, 0.5]], dtype=np.float32)
 
     def engine(**extra):
-        e = Engine(small["run"], **kw, **extra)
-        prepare = e.prepare
-
-        def with_cos(*args, **kwargs):
-            state = prepare(*args, **kwargs)
-            state.cos = cos.copy()
-            return state
-
-        e.prepare = with_cos
-        return e
+        return with_cos(Engine(small["run"], **kw, **extra), cos)
 
     lr = engine().score(small["index"], [a, b])
     with pytest.warns(UserWarning, match=r"never rose .* \[1\]"):  # instance 1's fell

@@ -102,3 +102,17 @@ def env() -> dict[str, str]:
 def run_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ffengine", *args], env=env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def with_cos(engine, cos):
+    """``engine`` whose prepare() reports ``cos`` (T, K) instead of the run's own: runs this
+    short barely move the cosine, and checkpoint weighting by its rise needs it to."""
+    prepare = engine.prepare
+
+    def patched(*args, **kwargs):
+        state = prepare(*args, **kwargs)
+        state.cos = cos.copy()
+        return state
+
+    engine.prepare = patched
+    return engine
