@@ -700,7 +700,8 @@ def write_markdown(rows: list[dict]) -> None:
     lines += ["", "Times (seconds) are those of the pre-training and of the shared trace the "
               "method was sliced from, when they ran (`times.json` in the configuration's "
               "cache), not those of a later command that re-scored the cached terms; rows "
-              "re-scored before 2026-12-02 show 0. Domains: "
+              "re-scored before 2026-12-02 show 0, and a pre-training resumed from an "
+              "interrupted run counts only the part after the resume. Domains: "
               "attacker domains called suspicious / all attacker domains, then benign domains "
               "called suspicious / all benign ones (— where the row predates the verdict).",
               "", *WHY_NOT_REACHED, "", "Commands:", ""]
