@@ -119,7 +119,7 @@ def trace(engine: Engine, index: SampleIndex, instances: Sequence[Instance], out
         return None
     pieces = {"total": int(counts[2]), "done_before": int(counts[0]),
               "scored": int(counts[1])}
-    return _report(engine, index, out, k, stats, cos, dist.world_size, pieces)
+    return _report(engine, index, out, k, stats, cos, weights, dist.world_size, pieces)
 
 
 def _score_pieces(engine: Engine, index: SampleIndex, instances: Sequence[Instance],
@@ -146,8 +146,10 @@ def _score_pieces(engine: Engine, index: SampleIndex, instances: Sequence[Instan
 
 
 def _report(engine: Engine, index: SampleIndex, out: Path, k: float, stats: MADStats,
-            cos: np.ndarray, world_size: int, pieces: dict) -> dict:
-    """Rank 0: assemble the id-ordered arrays, flag, write the report and the summary."""
+            cos: np.ndarray, weights: np.ndarray | None, world_size: int,
+            pieces: dict) -> dict:
+    """Rank 0: assemble the id-ordered arrays, flag, write the report and the summary
+    (``weights``: the checkpoint multipliers the scores were aggregated with, or None)."""
     n, T, D = len(index), len(engine.checkpoints), engine.draws
     K = cos.shape[1]
     partial = out / PARTIAL_DIR
@@ -164,7 +166,6 @@ def _report(engine: Engine, index: SampleIndex, out: Path, k: float, stats: MADS
     plot_score_distribution(det, float(thr), out / "scores.png",
                             title=f"maliciousness scores (n={n}, k={k:g})")
     del det
-    weights = checkpoint_weights(cos, engine.weighting)
     summary = {
         "n": n,
         "n_scored": int(stats.n),

@@ -30,7 +30,8 @@ from ffengine.run import Run
 
 
 def embeddings(work: Path, index: SampleIndex) -> dict[str, np.ndarray]:
-    model = Run(work / "run").load_model(Run(work / "run").checkpoints[-1]).eval()
+    run = Run(work / "run")
+    model = run.load_model(run.checkpoints[-1]).eval()
     imgs = [a if a.shape[:2] == (32, 32) else
             np.asarray(Image.fromarray(a).resize((32, 32), Image.BILINEAR))
             for a in (index.image(i) for i in range(len(index)))]
