@@ -9,13 +9,16 @@ Everything is cached under ``--cache`` (default ``bench/.cache/detection``): the
 data, the run (pre-training resumes where it stopped), the instance, and one trace per
 method, so re-scoring with a new method never re-trains. Results (one row per
 configuration and method) go to ``bench/results/detection.json`` with the command that
-made them; ``docs/RESULTS.md`` is generated from that file.
+made them; ``docs/RESULTS.md`` is generated from that file. Each configuration's per-sample
+detection scores go to ``bench/results/scores/<config>.npz`` (``load_scores``), so a new
+threshold rule can be measured on every configuration without its pre-training cache.
 """
 
 from __future__ import annotations
 
 import argparse
 import fcntl
+import io
 import json
 import platform
 import shlex
@@ -53,6 +56,9 @@ from ffengine.trace import trace
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "detection.json"
 RESULTS_MD = ROOT / "docs" / "RESULTS.md"
+# each configuration's per-sample detection scores, so that a new threshold or aggregation
+# can be measured on every configuration without the (uncommitted) pre-training cache
+SCORES_DIR = ROOT / "bench" / "results" / "scores"
 # An attack "took" when triggered images land in the target class far more often than the
 # same images without the trigger.
 TOOK_MIN_ASR, TOOK_MIN_GAP = 0.5, 0.25
@@ -233,21 +239,24 @@ def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool)
     atomic_write_json(work / "times.json", times)
 
     truth = load_truth(work / "data")
-    rows = []
+    rows, det_by_method = [], {}
     for name in methods:
         m = METHODS[name]
         tname = trace_name(name, cfg.is_clip)
         tdir = work / "traces" / f"v2-{tname}"
         terms = np.load(tdir / "terms.npy", mmap_mode="r")
         cos = np.array(json.loads((tdir / "summary.json").read_text())["cos_per_checkpoint"])
-        metrics = method_metrics(terms, m, truth, index.labels, cfg.target_class,
-                                 domains=(index.domains, index.domain_names), cos=cos)
+        det_by_method[name] = method_scores(terms, m, cos)
+        metrics = score_metrics(det_by_method[name], m, truth, index.labels, cfg.target_class,
+                                domains=(index.domains, index.domain_names),
+                                n_instances=min(m.instances, terms.shape[3]))
         rows.append({"config": cfg.name, **asdict(cfg), "method": name, **asdict(m),
                      **strength, "took": took, **metrics,
                      "x_b": instances[0].meta.get("x_b_source"),
                      "x_r": instances[0].meta.get("x_r_source"),
                      "data_s": times["data_s"], "pretrain_s": times["pretrain_s"],
                      "trace_s": times["trace_s"].get(tname)})
+    save_scores(cfg.name, det_by_method, truth, index)
     return rows
 
 
@@ -400,11 +409,16 @@ def _optimized_instances(run: Run, instances: list, out: Path) -> tuple[list, li
 def method_metrics(terms: np.ndarray, m: Method, truth: dict, labels: np.ndarray,
                    target: int, domains: tuple[np.ndarray, list[str]] | None = None,
                    cos: np.ndarray | None = None) -> dict:
-    """A method's detection scores and metrics from a trace's (T, D, n, K) terms: the same
+    """A method's metrics from a trace's (T, D, n, K) terms (``method_scores`` then
+    ``score_metrics``)."""
+    return score_metrics(method_scores(terms, m, cos), m, truth, labels, target, domains,
+                         n_instances=min(m.instances, terms.shape[3]))
+
+
+def method_scores(terms: np.ndarray, m: Method, cos: np.ndarray | None = None) -> np.ndarray:
+    """A method's (n,) detection scores from a trace's (T, D, n, K) terms: the same
     aggregation ``Engine`` and ``trace`` apply (sum over checkpoints, weighted as the
-    method says by the trace's cos (T, K), ``aggregate`` over draws, mean over instances,
-    MAD rule with ``k``). ``fpr_target`` / ``fpr_other``: the false-positive rate among clean
-    images of the target class / of the other classes."""
+    method says by the trace's cos (T, K), ``aggregate`` over draws, mean over instances)."""
     k_used = min(m.instances, terms.shape[3])
     if m.weighting != "lr" and cos is None:
         raise ValueError(f"weighting {m.weighting!r} needs the trace's cos per checkpoint")
@@ -412,14 +426,66 @@ def method_metrics(terms: np.ndarray, m: Method, truth: dict, labels: np.ndarray
                                                           m.weighting)
     scores = aggregate_draws(np.asarray(terms[:, : m.draws, :, :k_used]), m.aggregate,
                              weights)
-    det = detection_scores(scores)
+    return detection_scores(scores)
+
+
+def score_metrics(det: np.ndarray, m: Method, truth: dict, labels: np.ndarray, target: int,
+                  domains: tuple[np.ndarray, list[str]] | None = None, *,
+                  n_instances: int) -> dict:
+    """The metrics of the MAD rule with the method's ``k`` on detection scores ``det``.
+    ``fpr_target`` / ``fpr_other``: the false-positive rate among clean images of the target
+    class / of the other classes."""
     flagged = flag(det, m.k)
     d = detection_metrics(flagged, truth["poisoned_ids"], truth["n"], scores=det)
     return {"dacc": d["DACC"], "fpr": d["FPR"], "fnr": d["FNR"], "auc": d["ROC_AUC"],
             "fnr_at_fpr_1pct": d["FNR_at_FPR_1pct"], "n": d["n"],
             "n_poisoned": d["n_poisoned"], "n_flagged": d["n_flagged"], "tp": d["tp"],
-            "fp": d["fp"], "n_instances": k_used, **_fpr_by_class(flagged, truth, labels, target),
+            "fp": d["fp"], "n_instances": n_instances,
+            **_fpr_by_class(flagged, truth, labels, target),
             **(_domain_verdict(flagged, truth, *domains) if domains is not None else {})}
+
+
+def save_scores(config: str, det_by_method: dict[str, np.ndarray], truth: dict,
+                index: SampleIndex) -> Path:
+    """Write ``SCORES_DIR/<config>.npz``: each method's (n,) float32 detection scores (merged
+    into what an earlier call wrote), the ground truth (``poisoned``) and each sample's label
+    and domain, so a new rule can be measured on every configuration from committed files.
+    Methods that differ only in ``k`` share their scores: one copy, the others aliases."""
+    path = SCORES_DIR / f"{config}.npz"
+    scores = load_scores(config)["scores"] if path.exists() else {}
+    scores.update({name: np.asarray(det, dtype=np.float32)
+                   for name, det in det_by_method.items()})
+    poisoned = np.zeros(truth["n"], dtype=bool)
+    poisoned[np.asarray(truth["poisoned_ids"], dtype=np.int64)] = True
+    arrays = {"poisoned": poisoned, "labels": np.asarray(index.labels, dtype=np.int16),
+              "domains": np.asarray(index.domains, dtype=np.int16),
+              "domain_names": np.asarray(index.domain_names, dtype=str)}
+    aliases = []
+    for name in sorted(scores):
+        same = next((k for k, v in arrays.items() if k.startswith("score/")
+                     and np.array_equal(v, scores[name], equal_nan=True)), None)
+        if same is None:
+            arrays[f"score/{name}"] = scores[name]
+        else:
+            aliases.append(f"{name}={same[len('score/'):]}")
+    arrays["aliases"] = np.asarray(aliases, dtype=str)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def load_scores(config: str) -> dict:
+    """``save_scores``'s file: ``scores`` {method: (n,) float32} and the per-sample arrays
+    (``poisoned``, ``labels``, ``domains``) and ``domain_names``."""
+    with np.load(SCORES_DIR / f"{config}.npz") as f:
+        out = {k: f[k] for k in f.files if not k.startswith("score/") and k != "aliases"}
+        scores = {k[len("score/"):]: f[k] for k in f.files if k.startswith("score/")}
+        for alias in f["aliases"]:
+            name, same = str(alias).split("=", 1)
+            scores[name] = scores[same]
+    out["scores"] = scores
+    return out
 
 
 def _domain_verdict(flagged: np.ndarray, truth: dict, domain_ids: np.ndarray,

@@ -144,3 +144,35 @@ def test_saving_rows_never_drops_rows_of_methods_this_process_does_not_know(tmp_
     detection.save_rows([{"config": "a", "method": "paper", "dacc": 0.2}], "cmd")
     rows = detection.load_results()["rows"]
     assert {(r["method"], r["dacc"]) for r in rows} == {("newer-method", 0.5), ("paper", 0.2)}
+
+
+def test_saved_scores_give_back_every_method_and_the_metrics_they_were_measured_with(
+        tmp_path, monkeypatch):
+    """The per-sample scores file holds each method's scores (methods that differ only in k
+    stored once), merges a later call's methods into an earlier call's, and re-measuring
+    from it gives the row's metrics."""
+    monkeypatch.setattr(detection, "SCORES_DIR", tmp_path)
+    rng = np.random.default_rng(1)
+    T, D, n, K = 2, 16, 300, 5
+    terms = rng.standard_normal((T, D, n, K)).astype(np.float32)
+    terms[..., :20, :] += 1.5
+    truth = {"poisoned_ids": list(range(20)), "n": n}
+    index = type("Index", (), {"labels": rng.integers(0, 10, n), "domains": np.zeros(n, int),
+                               "domain_names": ["clean"]})()
+    names = ["paper", "paper-k6", "last-max16x5"]
+    det = {m: detection.method_scores(terms, detection.METHODS[m]) for m in names}
+    detection.save_scores("c", {m: det[m] for m in names[:2]}, truth, index)
+    detection.save_scores("c", {"last-max16x5": det["last-max16x5"]}, truth, index)
+    with np.load(tmp_path / "c.npz") as f:
+        assert sorted(f.files) == sorted(["aliases", "domain_names", "domains", "labels",
+                                          "poisoned", "score/last-max16x5", "score/paper"])
+    saved = detection.load_scores("c")
+    assert sorted(saved["scores"]) == sorted(names)
+    assert np.flatnonzero(saved["poisoned"]).tolist() == truth["poisoned_ids"]
+    for m in names:
+        np.testing.assert_array_equal(saved["scores"][m], det[m].astype(np.float32))
+        method = detection.METHODS[m]
+        want = detection.method_metrics(terms, method, truth, index.labels, 9)
+        got = detection.score_metrics(saved["scores"][m], method, truth, index.labels, 9,
+                                      n_instances=want["n_instances"])
+        assert got == want
