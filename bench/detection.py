@@ -438,9 +438,9 @@ def score_metrics(det: np.ndarray, m: Method, truth: dict, labels: np.ndarray, t
     flagged = flag(det, m.k)
     d = detection_metrics(flagged, truth["poisoned_ids"], truth["n"], scores=det)
     return {"dacc": d["DACC"], "fpr": d["FPR"], "fnr": d["FNR"], "auc": d["ROC_AUC"],
-            "fnr_at_fpr_1pct": d["FNR_at_FPR_1pct"], "n": d["n"],
-            "n_poisoned": d["n_poisoned"], "n_flagged": d["n_flagged"], "tp": d["tp"],
-            "fp": d["fp"], "n_instances": n_instances,
+            "fnr_at_fpr_1pct": d["FNR_at_FPR_1pct"], "dacc_best": d["DACC_best_threshold"],
+            "n": d["n"], "n_poisoned": d["n_poisoned"], "n_flagged": d["n_flagged"],
+            "tp": d["tp"], "fp": d["fp"], "n_instances": n_instances,
             **_fpr_by_class(flagged, truth, labels, target),
             **(_domain_verdict(flagged, truth, *domains) if domains is not None else {})}
 
@@ -751,15 +751,20 @@ def write_markdown(rows: list[dict]) -> None:
                          f"{w['fpr_max']:.4f} | {w['fnr_max']:.4f} | {w['auc_min']:.4f} |")
     lines += ["", "## Every row", "",
               "FPR target / other: the false-positive rate among clean images of the target "
-              "class / of the other classes.", "",
-              "| config | method | ASR | ASR untrig. | took | DACC | FPR | FNR | AUC | "
-              "FNR@1%FPR | FPR target | FPR other | flagged | domains | pretrain s | trace s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "class / of the other classes. Best DACC: the DACC of the best threshold on the "
+              "method's scores (an oracle that reads the truth: where it is near DACC, no "
+              "threshold rule would help, the ranking itself is what falls short; n/a for "
+              "rows measured before this column was added on 2026-12-02).", "",
+              "| config | method | ASR | ASR untrig. | took | DACC | best DACC | FPR | FNR | "
+              "AUC | FNR@1%FPR | FPR target | FPR other | flagged | domains | pretrain s | "
+              "trace s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(METHODS)}
     for r in sorted(rows, key=lambda r: (r["config"], order.get(r["method"], 99))):
         lines.append(
             f"| {r['config']} | {r['method']} | {r['asr']:.3f} | {r['asr_untriggered']:.3f} | "
-            f"{'yes' if r['took'] else 'no'} | {r['dacc']:.4f} | {r['fpr']:.4f} | "
+            f"{'yes' if r['took'] else 'no'} | {r['dacc']:.4f} | {_f(r.get('dacc_best'))} | "
+            f"{r['fpr']:.4f} | "
             f"{r['fnr']:.4f} | {r['auc']:.4f} | {r['fnr_at_fpr_1pct']:.4f} | "
             f"{_f(r.get('fpr_target'))} | {_f(r.get('fpr_other'))} | {r['n_flagged']} | "
             f"{_domains_cell(r)} | {_s(r['pretrain_s'])} | {_s(r['trace_s'])} |")

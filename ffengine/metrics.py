@@ -15,6 +15,9 @@ With ``scores`` (one per sample, higher = more suspicious), over the non-NaN sco
 * ``FNR_at_FPR_1pct``: FNR of the rule ``score > t`` where ``t`` is the smallest score that
   keeps the clean false-positive rate at most 1 % (the ``(m+1)``-th largest clean score,
   ``m = floor(0.01 n_neg)``); ``t`` and the FPR actually reached are reported too.
+* ``DACC_best_threshold``: the DACC of the best rule ``score > t`` over every ``t`` (an
+  oracle, since it reads the truth): how far any threshold on these scores could go, which
+  tells a thresholding problem (DACC well below it) from a ranking one (it is low too).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import numpy as np
 
 from ffengine.errors import ConfigError, DataError
 
-__all__ = ["detection_metrics", "fnr_at_fpr", "roc_auc"]
+__all__ = ["best_threshold_dacc", "detection_metrics", "fnr_at_fpr", "roc_auc"]
 
 
 def _check_n(n: int) -> int:
@@ -112,6 +115,29 @@ def fnr_at_fpr(
     return fn / n_pos, t, fp / n_neg
 
 
+def best_threshold_dacc(scores: np.ndarray, is_poison: np.ndarray) -> tuple[float, float]:
+    """``(dacc, t)`` of the rule ``score > t`` with the highest DACC over all samples (NaN
+    scores are never flagged). ``t`` is ``-inf`` when flagging every scored sample is best."""
+    s = np.asarray(scores, np.float64).ravel()
+    pos = np.asarray(is_poison, bool).ravel()
+    n = s.shape[0]
+    if n == 0:
+        return float("nan"), float("nan")
+    valid = ~np.isnan(s)
+    order = np.argsort(-s[valid], kind="stable")
+    sv, pv = s[valid][order], pos[valid][order]
+    # flagging the top j scored samples: tp_j poisons, j - tp_j clean ones
+    tp = np.concatenate([[0], np.cumsum(pv)])
+    j = np.arange(sv.shape[0] + 1)
+    correct = tp + (int((~pos).sum()) - (j - tp))
+    # only cuts between distinct values are thresholds
+    ok = np.ones(j.shape[0], bool)
+    ok[1:-1] = sv[:-1] > sv[1:]
+    best = int(np.flatnonzero(ok)[np.argmax(correct[ok])])
+    t = float(sv[best]) if best < sv.shape[0] else -math.inf
+    return float(correct[best] / n), t
+
+
 def detection_metrics(
     flagged_ids: Sequence[int] | np.ndarray,
     truth_ids: Sequence[int] | np.ndarray,
@@ -159,8 +185,11 @@ def detection_metrics(
         pos, neg = s[valid & is_poison], s[valid & ~is_poison]
         pct = f"{float(target_fpr) * 100:g}pct"
         fnr, thr, fpr = fnr_at_fpr(pos, neg, target_fpr)
+        dacc_best, t_best = best_threshold_dacc(s, is_poison)
         out.update({
             "n_nan_scores": int(n - valid.sum()),
+            "DACC_best_threshold": dacc_best,
+            "threshold_best": t_best,
             "ROC_AUC": roc_auc(pos, neg),
             f"FNR_at_FPR_{pct}": fnr,
             f"threshold_at_FPR_{pct}": thr,

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ffengine.errors import ConfigError, DataError
-from ffengine.metrics import detection_metrics, fnr_at_fpr, roc_auc
+from ffengine.metrics import best_threshold_dacc, detection_metrics, fnr_at_fpr, roc_auc
 
 
 @pytest.fixture
@@ -84,6 +84,32 @@ def test_fnr_at_fpr_matches_bruteforce(n_pos, n_neg, levels, target, seed):
     assert fpr <= target
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    n_pos=st.integers(0, 30), n_neg=st.integers(0, 200), levels=st.integers(1, 20),
+    n_nan=st.integers(0, 3), seed=st.integers(0, 2**32 - 1),
+)
+def test_best_threshold_dacc_matches_every_threshold_tried(n_pos, n_neg, levels, n_nan, seed):
+    """The oracle DACC is the best over every observed score and -inf as ``t``, with ties
+    (few levels) and NaN scores, which are never flagged."""
+    r = np.random.default_rng(seed)
+    s = r.integers(0, levels, n_pos + n_neg).astype(np.float64)
+    is_p = np.zeros(s.shape[0], bool)
+    is_p[:n_pos] = True
+    s[r.permutation(s.shape[0])[:n_nan]] = np.nan
+    if s.shape[0] == 0:
+        assert math.isnan(best_threshold_dacc(s, is_p)[0])
+        return
+    got, t = best_threshold_dacc(s, is_p)
+
+    def dacc(t):
+        flagged = ~np.isnan(s) & (s > t)
+        return np.mean(flagged == is_p)
+    ref = max(dacc(t) for t in np.concatenate([[-np.inf], s[~np.isnan(s)]]))
+    assert got == pytest.approx(ref, abs=1e-12)
+    assert dacc(t) == pytest.approx(got, abs=1e-12)
+
+
 def test_scores_auc_fnr_and_nan_scores(np_rng):
     n = 1000
     truth = np_rng.choice(n, 50, replace=False)
@@ -103,6 +129,7 @@ def test_scores_auc_fnr_and_nan_scores(np_rng):
     assert m["threshold_at_FPR_1pct"] == ref[1]
     assert m["FPR_at_threshold_1pct"] <= 0.01
     assert 0.9 < m["ROC_AUC"] <= 1.0
+    assert m["DACC"] <= m["DACC_best_threshold"] == best_threshold_dacc(scores, is_p)[0]
 
 
 def test_perfect_and_inverted_scores():

@@ -290,6 +290,7 @@ def test_cli_end_to_end(small, tmp_path, capsys):
     e = call("eval", "--truth", data / "truth.json", out, "--json")
     assert {"dacc", "fpr", "fnr", "auc", "n", "n_poisoned", "n_flagged"} <= set(e)
     assert e["n_poisoned"] == 10 and e["n_flagged"] == t["n_flagged"]
+    assert e["dacc"] <= e["dacc_best_threshold"] <= 1.0
 
 
 def test_cli_errors_exit_1_with_one_line(tmp_path, capsys):
