@@ -685,7 +685,12 @@ def write_markdown(rows: list[dict]) -> None:
              f"{TOOK_MIN_GAP} (k-NN, k = 20, on backbone features of the clean training "
              "images). Each configuration is traced once per (checkpoints, draws) setting with "
              f"{N_INSTANCES} backdoor instances in one pass; every method is a slice of those "
-             "terms (the same numbers `ffengine trace --method` gives).", "",
+             "terms: the same numbers `ffengine trace` gives with the method's options (`--method` "
+             "names only the product's methods, `paper`, `last-max16x5`, `last-x5` and the "
+             "default; the others are harness names for `--checkpoints`, `--draws`, "
+             "`--aggregate`, `--k` and `--weighting`, and the `optref`, `fc2` and `ckpt15` "
+             "variants need their own instances (`instance --reference optimized`), layers (`--layers`) or "
+             "run).", "",
              f"ffengine's default method: `{DEFAULT_METHOD}`. Over the {s['n_configs']} "
              f"configuration(s) where the attack took (of {s['n_configs_tried']} tried) its "
              f"worst DACC {_f(s['dacc_min'])}, FPR {_f(s['fpr_max'])}, FNR "

@@ -107,24 +107,27 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     from .data.index import SampleIndex
 
     command = "ffengine " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    # options left unset take the modality's own defaults (its config dataclass's), so
+    # `--modality clip` trains as documented (30 epochs, cosine, a checkpoint every 5)
+    given = {k: v for k, v in {"model": a.model, "epochs": a.epochs, "lr": a.lr,
+                               "batch_size": a.batch_size, "weight_decay": a.weight_decay,
+                               "schedule": a.schedule, "ckpt_every": a.ckpt_every}.items()
+             if v is not None}
     if a.modality == "clip":
         from .pretrain.clip import ClipPretrainConfig, pretrain_clip
 
-        ccfg = ClipPretrainConfig(
-            model=a.model or "ffclip-vit-tiny", epochs=a.epochs,
-            batch_size=a.batch_size, lr=a.lr, schedule=a.schedule, ckpt_every=a.ckpt_every,
-            seed=a.seed, bf16=a.bf16,
-            **({} if a.weight_decay is None else {"weight_decay": a.weight_decay}))
+        if a.temperature is not None:
+            raise ConfigError("--temperature is SimCLR's; CLIP learns its temperature (the "
+                              "logit scale). Leave it out with --modality clip.")
+        ccfg = ClipPretrainConfig(**given, seed=a.seed, bf16=a.bf16)
         run = pretrain_clip(SampleIndex(a.index), a.output, ccfg, device=a.device,
                             command=command, progress=not a.quiet)
     else:
         from .pretrain.simclr import PretrainConfig, pretrain
 
-        cfg = PretrainConfig(model=a.model or "small", epochs=a.epochs,
-                             batch_size=a.batch_size, lr=a.lr,
-                             weight_decay=1e-6 if a.weight_decay is None else a.weight_decay,
-                             schedule=a.schedule, temperature=a.temperature,
-                             ckpt_every=a.ckpt_every, seed=a.seed, bf16=a.bf16)
+        if a.temperature is not None:
+            given["temperature"] = a.temperature
+        cfg = PretrainConfig(**given, seed=a.seed, bf16=a.bf16)
         run = pretrain(SampleIndex(a.index), a.output, cfg, device=a.device, command=command,
                        progress=not a.quiet)
     info = {"run": str(run.path), "checkpoints": [c.epoch for c in run.checkpoints]}
@@ -317,21 +320,25 @@ def build_parser() -> argparse.ArgumentParser:
     common(q)
     q.set_defaults(func=cmd_poison)
 
-    q = sub.add_parser("pretrain", help="SimCLR pre-training with checkpoints (resumes)")
+    q = sub.add_parser("pretrain", help="SimCLR or CLIP pre-training with checkpoints "
+                                        "(resumes)")
     q.add_argument("--index", required=True)
     q.add_argument("-o", "--output", required=True, help="run directory")
     q.add_argument("--modality", default="simclr", choices=["simclr", "clip"])
     q.add_argument("--model", default=None,
                    help="SimCLR: resnet18, small (default), mini or tiny; CLIP: an open_clip "
                         "model name (default ffclip-vit-tiny)")
-    q.add_argument("--epochs", type=int, default=75)
-    q.add_argument("--batch-size", type=int, default=256)
-    q.add_argument("--lr", type=float, default=1e-3)
+    q.add_argument("--epochs", type=int, default=None, help="default: 75 (SimCLR), 30 (CLIP)")
+    q.add_argument("--batch-size", type=int, default=None, help="default: 256")
+    q.add_argument("--lr", type=float, default=None, help="default: 1e-3")
     q.add_argument("--weight-decay", type=float, default=None,
                    help="default: 1e-6 (SimCLR, Adam), 0.1 (CLIP, AdamW)")
-    q.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
-    q.add_argument("--temperature", type=float, default=0.5)
-    q.add_argument("--ckpt-every", type=int, default=15)
+    q.add_argument("--schedule", default=None, choices=["constant", "cosine"],
+                   help="per-epoch learning rate; default: constant (SimCLR), cosine (CLIP)")
+    q.add_argument("--temperature", type=float, default=None,
+                   help="SimCLR's NT-Xent temperature (default 0.5); CLIP learns its own")
+    q.add_argument("--ckpt-every", type=int, default=None,
+                   help="epochs between checkpoints; default: 15 (SimCLR), 5 (CLIP)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU, AMX CPUs)")
     q.add_argument("--device", default="cpu")
@@ -380,7 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dist-timeout", type=float, default=24 * 60,
                    help="minutes a process waits for the others under torchrun")
     q.add_argument("--backend", default="auto",
-                   choices=["auto", "torch", "cpu", "triton", "cuda"])
+                   choices=["auto", "torch", "cpu", "triton", "cuda"],
+                   help="ghost-score backend: auto (the first of a preference list that "
+                        "passes a self-check), torch, cpu (compiled C++), triton (CUDA); "
+                        "cuda is reserved and not built yet")
     q.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
                    help="bfloat16: the backbone under bf16 autocast (GPU, AMX CPUs)")
     q.add_argument("--layers", default=None,
@@ -409,10 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--from-scratch", action="store_true",
                    help="pre-train instead of using the bundled run")
     q.add_argument("--poison-rate", type=float, default=None)
-    q.add_argument("--epochs", type=int, default=None, help="with --from-scratch")
+    q.add_argument("--epochs", type=int, default=None,
+                   help="whenever the demo pre-trains (CLIP always; SimCLR with "
+                        "--from-scratch, or a setting without a bundled run: pe1, or a "
+                        "poison rate other than 10%%); ignored with a bundled run")
     q.add_argument("--model", default=None,
-                   help="with --from-scratch: the model (default: small for SimCLR, "
-                        "ffclip-vit-tiny for CLIP)")
+                   help="whenever the demo pre-trains, as for --epochs: the model (default: "
+                        "small for SimCLR, ffclip-vit-tiny for CLIP)")
     common(q)
     q.set_defaults(func=cmd_demo)
     return p

@@ -4,8 +4,8 @@ A method fixes which checkpoints are summed, how many augmentation draws each sa
 and how they combine, how many backdoor instances are averaged, and the MAD multiplier.
 ``paper`` is FoundationForensics' Eq. 5 as written. The detection harness
 (``bench/detection.py``) measures every method on the same cached runs; ``DEFAULT_METHOD``
-names the one ``ffengine demo`` and ``ffengine trace --method`` use by default, and it
-changes only when the grid in docs/RESULTS.md shows a method helps across configurations.
+names the one ``ffengine demo`` and ``ffengine trace`` use by default on SimCLR runs,
+``DEFAULT_CLIP_METHOD`` the one on CLIP runs; each changes only when the grid in docs/RESULTS.md shows a method helps across configurations.
 """
 
 from __future__ import annotations

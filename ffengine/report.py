@@ -128,7 +128,8 @@ def domain_table(
 
     ``domain_ids`` (shape ``(n,)``) gives each sample's domain index into ``domain_names``.
     Rows ``{"domain", "flagged", "total", "rate", "ratio", "p_value", "suspicious"}``
-    (``rate = flagged / total``; ``ratio`` (None where no other domain has a flag),
+    (``rate = flagged / total``; ``ratio``: the rate over the other domains' rate, None
+    where this domain has flags and the others none, 1.0 where neither has any;
     ``p_value`` and ``suspicious``: the binomial test
     of :func:`ffengine.detect.domains.domain_suspicion` against the other domains' flag rate)
     for every domain with at least one sample, sorted suspicious first, then by p-value
