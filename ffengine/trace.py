@@ -112,14 +112,16 @@ def trace(engine: Engine, index: SampleIndex, instances: Sequence[Instance], out
         weights = None if cos is None else checkpoint_weights(cos, engine.weighting)
         _, det_path = dist.run_everywhere(
             lambda: store.write_scores(engine.aggregate, weights))
+        stats = robust_stats(det_path, allreduce=dist.all_reduce_sum)  # exact, over all ranks
+        if not dist.is_main:
+            return None
+        pieces = {"total": int(counts[2]), "done_before": int(counts[0]),
+                  "scored": int(counts[1])}
+        # rank 0 keeps its lock until the summary is written: a process started meanwhile
+        # is refused instead of deleting the report's temporaries or the partial files
+        return _report(engine, index, out, k, stats, cos, weights, dist.world_size, pieces)
     finally:
         store.close()
-    stats = robust_stats(det_path, allreduce=dist.all_reduce_sum)  # exact, over all ranks
-    if not dist.is_main:
-        return None
-    pieces = {"total": int(counts[2]), "done_before": int(counts[0]),
-              "scored": int(counts[1])}
-    return _report(engine, index, out, k, stats, cos, weights, dist.world_size, pieces)
 
 
 def _score_pieces(engine: Engine, index: SampleIndex, instances: Sequence[Instance],
@@ -134,7 +136,8 @@ def _score_pieces(engine: Engine, index: SampleIndex, instances: Sequence[Instan
                desc="score" if dist.world_size == 1 else f"score (rank {dist.rank})",
                disable=not engine.progress)
     batches = iter_chunks(index, [store.chunks[j] for j in todo], workers=engine.workers,
-                          pin_memory=engine.device.type == "cuda")
+                          pin_memory=engine.device.type == "cuda",
+                          captions=engine.objective.needs_captions)
     for (j, ts), batch in zip(todo.items(), batches, strict=True):
         images = engine.to_device(batch) if len(batch) else None
         for t in ts:

@@ -50,9 +50,12 @@ RECORD_DTYPE = np.dtype(
 
 def domain_of(url: str | None) -> str:
     """Source domain of a sample: the host of its url, lower-case, without ``www.``."""
-    if not url:
+    if not url or not isinstance(url, str):
         return UNKNOWN_DOMAIN
-    host = urlparse(url).hostname or ""
+    try:
+        host = urlparse(url).hostname or ""
+    except ValueError:  # e.g. "http://[abc": not a url, so no domain
+        return UNKNOWN_DOMAIN
     host = host.lower()
     return host[4:] if host.startswith("www.") else (host or UNKNOWN_DOMAIN)
 
@@ -65,6 +68,12 @@ def decode_image(data: bytes) -> np.ndarray:
             return np.array(im.convert("RGB"))
     except Exception as e:  # PIL raises many types for broken files
         raise DataError(f"cannot decode image ({type(e).__name__}: {e})") from e
+
+
+class ShardReadError(DataError):
+    """A shard could not be opened or read (moved, unmounted, an I/O error, or shorter than
+    when it was indexed). Not a property of one sample: scoring stops instead of recording
+    the sample as skipped, so that the run can resume once the shard is back."""
 
 
 class IndexWriter:
@@ -95,11 +104,23 @@ class IndexWriter:
         self._rows.append((kb, shard, img[0], img[1], t_off, t_size,
                            self.domain_id(domain), label, flags))
 
+    def invalidate(self) -> None:
+        """Remove an earlier index's metadata.json (its completion mark, which holds its
+        hash) before any of its files is replaced, so that an interrupted rebuild leaves a
+        directory that is not an index, never an old hash over new records."""
+        for name in ("metadata.json", "strings.json"):
+            (self.out / name).unlink(missing_ok=True)
+
     def close(self) -> SampleIndex:
         if not self._rows:
             raise DataError(f"no samples to index for {self.out}: the shards held no images.")
         self.out.mkdir(parents=True, exist_ok=True)
-        records = np.array(self._rows, dtype=RECORD_DTYPE)
+        try:
+            records = np.array(self._rows, dtype=RECORD_DTYPE)
+        except OverflowError as e:
+            raise DataError(f"a label or offset does not fit the index's record ({e}); labels "
+                            "must be 32-bit integers.") from e
+        self.invalidate()
         shards = [_relative_if_inside(p, self.out) for p in self._shards]
         domains = sorted(self._domains, key=self._domains.get)
         strings = {"shards": shards, "shard_sha256": self._shard_sha, "domains": domains}
@@ -176,21 +197,28 @@ def build_index(shards: Sequence[str | Path], out: str | Path, verify: bool = Tr
 
 
 def _label_and_url(small: dict[str, bytes]) -> tuple[int, str | None]:
+    """A sample's label and url from its ``.cls`` / ``.json`` members; what cannot be read
+    (bad UTF-8 or JSON, JSON that is not an object, a non-string url, a label outside 32-bit
+    integers) counts as absent: label -1, no url."""
     label, url = -1, None
     meta = {}
     if "json" in small:
         try:
             meta = json.loads(small["json"] or b"{}")
-        except json.JSONDecodeError:
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError
             meta = {}
-        url = meta.get("url")
+        if not isinstance(meta, dict):
+            meta = {}
+        url = meta.get("url") if isinstance(meta.get("url"), str) else None
     if "cls" in small:
         try:
             label = int(small["cls"].strip())
         except ValueError:
             label = -1
-    elif isinstance(meta.get("cls"), int):
+    elif isinstance(meta.get("cls"), int) and not isinstance(meta.get("cls"), bool):
         label = meta["cls"]
+    if not -1 <= label < 2**31:
+        label = -1
     return label, url
 
 
@@ -203,17 +231,27 @@ class SampleIndex:
         if not meta_path.exists():
             raise DataError(f"{self.path} is not a sample index (no metadata.json). "
                             "Build one with `ffengine index SHARD... -o INDEX`.")
-        self.metadata = json.loads(meta_path.read_text())
-        if self.metadata.get("format_version") != FORMAT_VERSION:
-            raise DataError(f"index {self.path} has format version "
-                            f"{self.metadata.get('format_version')}, this ffengine reads "
-                            f"{FORMAT_VERSION}; rebuild it with `ffengine index`.")
-        self.records = np.load(self.path / "records.npy", mmap_mode="r")
-        strings = json.loads((self.path / "strings.json").read_text())
-        self.shard_paths = [self._resolve(p) for p in strings["shards"]]
-        self.domain_names: list[str] = strings["domains"]
-        self._files: dict[int, object] = {}
-        if len(self.records) != self.metadata["n"]:
+        self._files: dict[int, int] = {}  # shard -> OS file descriptor, opened lazily
+        try:
+            self.metadata = json.loads(meta_path.read_text())
+            if self.metadata.get("format_version") != FORMAT_VERSION:
+                raise DataError(f"index {self.path} has format version "
+                                f"{self.metadata.get('format_version')}, this ffengine reads "
+                                f"{FORMAT_VERSION}; rebuild it with `ffengine index`.")
+            self.records = np.load(self.path / "records.npy", mmap_mode="r")
+            strings = json.loads((self.path / "strings.json").read_text())
+            self.shard_paths = [self._resolve(p) for p in strings["shards"]]
+            self.domain_names: list[str] = strings["domains"]
+            n = int(self.metadata["n"])
+        except DataError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DataError(f"index {self.path} is damaged or incomplete ({type(e).__name__}: "
+                            f"{e}); rebuild it with `ffengine index`.") from e
+        if self.records.dtype != RECORD_DTYPE:
+            raise DataError(f"index {self.path} has records of dtype {self.records.dtype}, "
+                            "not this ffengine's; rebuild it with `ffengine index`.")
+        if len(self.records) != n:
             raise DataError(f"index {self.path} is inconsistent: records.npy holds "
                             f"{len(self.records)} records, metadata.json says "
                             f"{self.metadata['n']}; rebuild it.")
@@ -249,19 +287,26 @@ class SampleIndex:
         return [k.decode() for k in np.asarray(self.records["key"])]
 
     def _read(self, shard: int, offset: int, size: int) -> bytes:
-        fh = self._files.get(shard)
-        if fh is None:
-            try:
-                fh = open(self.shard_paths[shard], "rb")
-            except OSError as e:
-                raise DataError(f"shard {self.shard_paths[shard]} of index {self.path} "
-                                f"cannot be opened ({e}); was it moved?") from e
-            self._files[shard] = fh
-        fh.seek(offset)
-        data = fh.read(size)
+        # os.pread: no shared file offset, so DataLoader workers forked with this index's
+        # descriptors open never read each other's bytes
+        if not 0 <= shard < len(self.shard_paths):
+            raise DataError(f"a record of index {self.path} names shard {shard}, which the "
+                            f"index does not have ({len(self.shard_paths)} shards); rebuild "
+                            "it with `ffengine index`.")
+        path = self.shard_paths[shard]
+        try:
+            fd = self._files.get(shard)
+            if fd is None:
+                fd = self._files[shard] = os.open(path, os.O_RDONLY)
+            data = os.pread(fd, size, offset) if size >= 0 and offset >= 0 else b""
+        except OSError as e:
+            raise ShardReadError(f"shard {path} of index {self.path} cannot be read ({e}); "
+                                 "was it moved? Restore it and run again: finished work is "
+                                 "kept.") from e
         if len(data) != size:
-            raise DataError(f"shard {self.shard_paths[shard]} is truncated: wanted {size} "
-                            f"bytes at offset {offset}, got {len(data)}.")
+            raise ShardReadError(f"shard {path} is shorter than when it was indexed: wanted "
+                                 f"{size} bytes at offset {offset}, got {len(data)}. Restore "
+                                 "it, or rebuild the index.")
         return data
 
     def image_bytes(self, i: int) -> bytes:
@@ -270,8 +315,9 @@ class SampleIndex:
 
     def image(self, i: int) -> np.ndarray:
         """(H, W, 3) uint8 RGB image of sample ``i``; DataError if it cannot be decoded."""
+        data = self.image_bytes(i)  # ShardReadError passes through: not this sample's fault
         try:
-            return decode_image(self.image_bytes(i))
+            return decode_image(data)
         except DataError as e:
             raise DataError(f"sample {i} ({self.key(i)}): {e}") from e
 
@@ -279,11 +325,16 @@ class SampleIndex:
         r = self.records[i]
         if int(r["txt_size"]) < 0:
             return None
-        return self._read(int(r["shard"]), int(r["txt_offset"]), int(r["txt_size"])).decode()
+        data = self._read(int(r["shard"]), int(r["txt_offset"]), int(r["txt_size"]))
+        try:
+            return data.decode()
+        except UnicodeDecodeError as e:
+            raise DataError(f"sample {i} ({self.key(i)}): its caption is not UTF-8 "
+                            f"({e}).") from e
 
     def close(self) -> None:
-        for fh in self._files.values():
-            fh.close()
+        for fd in self._files.values():
+            os.close(fd)
         self._files.clear()
 
     def __enter__(self) -> SampleIndex:
@@ -394,6 +445,7 @@ def write_pack(samples: Iterable[PackedSample], out: str | Path) -> SampleIndex:
                 fh.write(cb)
                 digest.update(cb)
             rows.append((s.key, (off, len(s.image)), txt, s.domain, s.label))
+    writer.invalidate()  # the old records must not outlive their pack
     os.replace(tmp, pack)
     shard = writer.add_shard(pack, digest.hexdigest())
     for key, img_rng, txt, dom, lab in rows:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .index import FLAG_CORRUPT, SampleIndex
+from .index import FLAG_CORRUPT, SampleIndex, ShardReadError
 
 
 @dataclass
@@ -40,7 +40,9 @@ def pad_images(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
     return out, sizes
 
 
-def decode_ids(index: SampleIndex, ids: Sequence[int]) -> DecodedBatch:
+def decode_ids(index: SampleIndex, ids: Sequence[int], captions: bool = False) -> DecodedBatch:
+    """Decode ``ids``; a sample that cannot be decoded (or, with ``captions``, has no readable
+    caption) is skipped with its reason. A shard that cannot be read raises ShardReadError."""
     arrays, good, skipped = [], [], []
     flags = np.asarray(index.records["flags"])
     for i in ids:
@@ -49,8 +51,13 @@ def decode_ids(index: SampleIndex, ids: Sequence[int]) -> DecodedBatch:
             skipped.append((i, "flagged corrupt when indexed"))
             continue
         try:
+            if captions and index.caption(i) is None:
+                skipped.append((i, f"sample {i} ({index.key(i)}) has no caption (KEY.txt)"))
+                continue
             arrays.append(index.image(i))
             good.append(i)
+        except ShardReadError:
+            raise  # the shard, not the sample: stop, so a resume retries it once restored
         except DataError as e:
             skipped.append((i, str(e)))
     images, sizes = pad_images(arrays)
@@ -58,14 +65,14 @@ def decode_ids(index: SampleIndex, ids: Sequence[int]) -> DecodedBatch:
 
 
 class _ChunkDataset(torch.utils.data.Dataset):
-    def __init__(self, index: SampleIndex, chunks: Sequence[np.ndarray]):
-        self.index, self.chunks = index, chunks
+    def __init__(self, index: SampleIndex, chunks: Sequence[np.ndarray], captions: bool):
+        self.index, self.chunks, self.captions = index, chunks, captions
 
     def __len__(self) -> int:
         return len(self.chunks)
 
     def __getitem__(self, k: int) -> DecodedBatch:
-        return decode_ids(self.index, self.chunks[k])
+        return decode_ids(self.index, self.chunks[k], self.captions)
 
 
 def iter_decoded(index: SampleIndex, ids: np.ndarray, chunk: int, workers: int = 0,
@@ -77,12 +84,12 @@ def iter_decoded(index: SampleIndex, ids: np.ndarray, chunk: int, workers: int =
 
 
 def iter_chunks(index: SampleIndex, chunks: Sequence[np.ndarray], workers: int = 0,
-                pin_memory: bool = False) -> Iterator[DecodedBatch]:
+                pin_memory: bool = False, captions: bool = False) -> Iterator[DecodedBatch]:
     """Decode each array of ids in ``chunks`` into one batch, in order (see
-    :func:`iter_decoded`)."""
+    :func:`iter_decoded`; ``captions`` as in :func:`decode_ids`)."""
     loader = torch.utils.data.DataLoader(
-        _ChunkDataset(index, list(chunks)), batch_size=None, shuffle=False, num_workers=workers,
-        pin_memory=pin_memory, prefetch_factor=2 if workers > 0 else None,
+        _ChunkDataset(index, list(chunks), captions), batch_size=None, shuffle=False,
+        num_workers=workers, pin_memory=pin_memory, prefetch_factor=2 if workers > 0 else None,
         persistent_workers=False)
     yield from loader
 

@@ -178,6 +178,7 @@ class ClipObjective:
     name = "clip_infonce"
     views = 1
     draws_matter = False  # the scoring view is deterministic
+    needs_captions = True  # an image without a readable caption is skipped, not scored
 
     def __init__(self, run: Run):
         self.run = run

@@ -14,7 +14,8 @@ An objective answers four questions for the run it belongs to:
    ``images`` (B, 3, Hmax, Wmax) uint8 on the device, ``sizes`` (B, 2), ``ids`` (B,)
    sample ids of ``index`` (the objective reads what else it needs, e.g. captions).
 4. ``views``: views per sample and draw (SimCLR 2, CLIP 1); ``draws_matter``: whether more
-   than one draw changes anything (CLIP's scoring view is deterministic).
+   than one draw changes anything (CLIP's scoring view is deterministic); ``needs_captions``:
+   whether a sample without a readable caption is skipped when its batch is decoded.
 
 :func:`objective_for` picks the objective from the run manifest's ``objective.name``.
 """
@@ -34,6 +35,7 @@ class Objective(Protocol):
     name: str
     views: int
     draws_matter: bool
+    needs_captions: bool
 
     def load_model(self, ckpt: Any, device: torch.device | str = "cpu") -> torch.nn.Module: ...
 

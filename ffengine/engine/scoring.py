@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..data.index import SampleIndex
 from ..data.loader import DecodedBatch, iter_chunks
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..ops.ghost_score import resolve_backend
 from ..run import Checkpoint, Run
 from .instance import Instance
@@ -244,6 +244,11 @@ class Engine:
         """Load every selected checkpoint and take its stacked cosine gradient."""
         if not instances:
             raise ConfigError("score needs at least one backdoor instance.")
+        has_caption = np.asarray(index.records["txt_size"]) >= 0
+        if self.objective.needs_captions and not has_caption.any():
+            raise DataError(f"index {index.path} has no captions (KEY.txt), and this run is a "
+                            "CLIP run, which scores image-caption pairs; index the captioned "
+                            "shards (see ffengine.data.captions).")
         state = ScoringState(index, [], [], np.zeros((len(self.checkpoints), len(instances)),
                                                      dtype=np.float32))
         xb = [inst.tensors(self.device)[0] for inst in instances]
@@ -298,7 +303,8 @@ class Engine:
         skipped: list[tuple[int, str]] = []
         bar = tqdm(total=n, desc="score", unit="sample", disable=not self.progress)
         for batch in iter_chunks(index, self.chunks(n), workers=self.workers,
-                                 pin_memory=self.device.type == "cuda"):
+                                 pin_memory=self.device.type == "cuda",
+                                 captions=self.objective.needs_captions):
             skipped.extend(batch.skipped)
             if len(batch):
                 images = self.to_device(batch)

@@ -30,6 +30,7 @@ class SimclrObjective:
     name = "nt_xent"
     views = 2
     draws_matter = True  # every draw is a new pair of augmented views
+    needs_captions = False
 
     # the backbone may run under bf16 autocast (the head's maths stays float32)
     precisions = ("float32", "bfloat16")

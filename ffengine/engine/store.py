@@ -202,6 +202,12 @@ def open_result_dir(out: Path, meta: dict) -> str:
         if (out / PARTIAL_DIR).exists():
             raise DataError(f"{out / PARTIAL_DIR} exists but {mpath} does not, so it is not "
                             "the work of an ffengine trace; choose another output directory.")
+        found = [f for f in RESULT_FILES if (out / f).exists()]
+        if found:
+            # results of unknown inputs: never overwritten, never taken for this trace's
+            raise DataError(f"{out} holds trace results ({', '.join(found[:3])}) but no "
+                            f"{METADATA}, so they cannot be checked against this trace; "
+                            "choose another output directory, or delete them.")
         atomic_write_json(mpath, meta)
         return "new"
     try:
