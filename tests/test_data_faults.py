@@ -192,3 +192,15 @@ def test_a_trace_whose_shard_went_missing_resumes_once_it_is_back(tmp_path_facto
     summary = json.loads((out / "summary.json").read_text())
     assert [s["id"] for s in summary["skipped"]] == [BAD_ID]
     assert_same_results(out, ref)
+
+
+@pytest.mark.parametrize("line", ['{"t": 0, "chunk": 1}', '{"t": 0, "chunk": 1, "skipped": [3]}'])
+def test_a_done_record_without_its_skipped_list_is_damage_not_a_crash_later(tmp_path, line):
+    from ffengine.engine.store import DoneLog
+
+    log = tmp_path / "done-rank0.jsonl"
+    log.write_text('{"t": 0, "chunk": 0, "skipped": [[5, "bad"]], "pid": 1}\n' + line + "\n")
+    with pytest.raises(DataError, match="not a done-record"):
+        DoneLog(log, writable=False)
+    log.write_text('{"t": 0, "chunk": 0, "skipped": [[5, "bad"]], "pid": 1}\n')
+    assert DoneLog(log, writable=False).skipped() == {5: "bad"}

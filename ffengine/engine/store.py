@@ -285,6 +285,7 @@ class DoneLog:
             try:
                 rec = json.loads(line)
                 key = (int(rec["t"]), int(rec["chunk"]))
+                rec["skipped"] = [(int(i), str(r)) for i, r in rec["skipped"]]
             except (ValueError, KeyError, TypeError) as e:
                 raise DataError(f"{path}, line {lineno}, is not a done-record ({e}); the "
                                 "directory is damaged: delete it and trace again.") from e
@@ -301,7 +302,10 @@ class DoneLog:
         line = (json.dumps(rec, sort_keys=True) + "\n").encode()
         if self._fd is None:
             raise FFEngineError(f"{self.path} was opened read-only.")
-        os.write(self._fd, line)
+        written = os.write(self._fd, line)
+        if written != len(line):  # a full disk: the torn line is cut off on the next open
+            raise OSError(f"wrote {written} of {len(line)} bytes to {self.path}; is the disk "
+                          "full? Free space and trace again: finished pieces are kept.")
         os.fsync(self._fd)
         self.done[(t, chunk)] = rec
 
