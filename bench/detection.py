@@ -689,8 +689,8 @@ def write_markdown(rows: list[dict]) -> None:
              "names only the product's methods, `paper`, `last-max16x5`, `last-x5` and the "
              "default; the others are harness names for `--checkpoints`, `--draws`, "
              "`--aggregate`, `--k` and `--weighting`, and the `optref`, `fc2` and `ckpt15` "
-             "variants need their own instances (`instance --reference optimized`), layers (`--layers`) or "
-             "run).", "",
+             "variants need their own instances (`instance --reference optimized`), layers "
+             "(`--layers`) or run).", "",
              f"ffengine's default method: `{DEFAULT_METHOD}`. Over the {s['n_configs']} "
              f"configuration(s) where the attack took (of {s['n_configs_tried']} tried) its "
              f"worst DACC {_f(s['dacc_min'])}, FPR {_f(s['fpr_max'])}, FNR "

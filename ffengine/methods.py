@@ -5,7 +5,8 @@ and how they combine, how many backdoor instances are averaged, and the MAD mult
 ``paper`` is FoundationForensics' Eq. 5 as written. The detection harness
 (``bench/detection.py``) measures every method on the same cached runs; ``DEFAULT_METHOD``
 names the one ``ffengine demo`` and ``ffengine trace`` use by default on SimCLR runs,
-``DEFAULT_CLIP_METHOD`` the one on CLIP runs; each changes only when the grid in docs/RESULTS.md shows a method helps across configurations.
+``DEFAULT_CLIP_METHOD`` the one on CLIP runs; each changes only when the grid in
+docs/RESULTS.md shows a method helps across configurations.
 """
 
 from __future__ import annotations

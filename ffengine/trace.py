@@ -23,9 +23,10 @@ not recorded, and ends with files bit-for-bit equal to an uninterrupted run's. S
 finished directory, it returns the stored summary.
 
 Distributed: in a torch.distributed process group (``torchrun --nproc-per-node N -m --
-ffengine trace ...``: the ``--`` keeps torchrun from reading ``--run`` as its own option), chunk ``j`` is scored by rank ``j % N``, each rank aggregates its own
-samples, the exact median/MAD all-reduce the selection histograms, and rank 0 assembles the
-arrays and writes the report. The result equals a single process's, bit for bit.
+ffengine trace ...``: the ``--`` keeps torchrun from reading ``--run`` as its own option),
+chunk ``j`` is scored by rank ``j % N``, each rank aggregates its own samples, the exact
+median/MAD all-reduce the selection histograms, and rank 0 assembles the arrays and writes
+the report. The result equals a single process's, bit for bit.
 
 Every file is written to a temporary name and renamed; ``partial/`` is removed at the end.
 """
