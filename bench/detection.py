@@ -452,6 +452,7 @@ def save_scores(config: str, det_by_method: dict[str, np.ndarray], truth: dict,
     and domain, so a new rule can be measured on every configuration from committed files.
     Methods that differ only in ``k`` share their scores: one copy, the others aliases."""
     path = SCORES_DIR / f"{config}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
     scores = load_scores(config)["scores"] if path.exists() else {}
     scores.update({name: np.asarray(det, dtype=np.float32)
                    for name, det in det_by_method.items()})

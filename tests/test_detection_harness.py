@@ -151,7 +151,7 @@ def test_saved_scores_give_back_every_method_and_the_metrics_they_were_measured_
     """The per-sample scores file holds each method's scores (methods that differ only in k
     stored once), merges a later call's methods into an earlier call's, and re-measuring
     from it gives the row's metrics."""
-    monkeypatch.setattr(detection, "SCORES_DIR", tmp_path)
+    monkeypatch.setattr(detection, "SCORES_DIR", tmp_path / "scores")  # made when needed
     rng = np.random.default_rng(1)
     T, D, n, K = 2, 16, 300, 5
     terms = rng.standard_normal((T, D, n, K)).astype(np.float32)
@@ -163,7 +163,7 @@ def test_saved_scores_give_back_every_method_and_the_metrics_they_were_measured_
     det = {m: detection.method_scores(terms, detection.METHODS[m]) for m in names}
     detection.save_scores("c", {m: det[m] for m in names[:2]}, truth, index)
     detection.save_scores("c", {"last-max16x5": det["last-max16x5"]}, truth, index)
-    with np.load(tmp_path / "c.npz") as f:
+    with np.load(tmp_path / "scores" / "c.npz") as f:
         assert sorted(f.files) == sorted(["aliases", "domain_names", "domains", "labels",
                                           "poisoned", "score/last-max16x5", "score/paper"])
     saved = detection.load_scores("c")
