@@ -244,7 +244,8 @@ def cmd_trace(a: argparse.Namespace) -> int:
                         layers=a.layers.split(",") if a.layers else None,
                         precision=a.precision, weighting=weighting)
         summary = trace(engine, SampleIndex(a.index), [load_instance(p) for p in a.instance],
-                        a.output, k=k, instance_paths=a.instance, dist=dist)
+                        a.output, k=k, instance_paths=a.instance, dist=dist,
+                        skip_unreadable=a.skip_unreadable_shards)
     if summary is None:  # ranks other than 0: rank 0 reports
         return 0
     lines = [f"flagged {summary['n_flagged']} of {summary['n']} inputs (threshold "
@@ -386,6 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batches per chunk: the unit of resumption and of sharding")
     q.add_argument("--dist-timeout", type=float, default=24 * 60,
                    help="minutes a process waits for the others under torchrun")
+    q.add_argument("--skip-unreadable-shards", action="store_true",
+                   help="record the samples of a shard that cannot be read as skipped "
+                        "(a shard lost for good) instead of stopping so that a resume "
+                        "retries it")
     q.add_argument("--backend", default="auto",
                    choices=["auto", "torch", "cpu", "triton", "cuda"],
                    help="ghost-score backend: auto (the first of a preference list that "

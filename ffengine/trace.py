@@ -66,7 +66,7 @@ from .report import domain_table, format_domain_table, plot_score_distribution
 
 def trace(engine: Engine, index: SampleIndex, instances: Sequence[Instance], out: str | Path,
           k: float = 3.0, instance_paths: Sequence[str] | None = None,
-          dist: Dist | None = None) -> dict | None:
+          dist: Dist | None = None, skip_unreadable: bool = False) -> dict | None:
     """Run the whole traceback into ``out`` (resuming unfinished work there) and return the
     summary.
 
@@ -75,6 +75,10 @@ def trace(engine: Engine, index: SampleIndex, instances: Sequence[Instance], out
     group must call ``trace`` with the same arguments. The summary is returned on rank 0;
     other ranks return ``None`` once their share is done. Raises ManifestMismatchError (on
     every rank, before any work) if ``out`` holds a trace of other inputs or options.
+
+    A shard that cannot be read stops the trace (ShardReadError; a resume retries it once the
+    shard is back); ``skip_unreadable`` records its samples as skipped instead, for a shard
+    lost for good (the run's index cannot change, so this is how such a trace finishes).
     """
     if not k >= 0:
         raise ConfigError(f"k must be non-negative, got {k}.")
@@ -104,10 +108,15 @@ def trace(engine: Engine, index: SampleIndex, instances: Sequence[Instance], out
         lambda: RankStore(out / PARTIAL_DIR, layout, chunks, T, D, K))
     try:
         done_before = len(store.log.done)
-        cos = _score_pieces(engine, index, instances, store, dist)
+        cos = _score_pieces(engine, index, instances, store, dist, skip_unreadable)
         # a collective: also waits until every rank's pieces are done
+        skipped = store.log.skipped()
         counts = dist.all_reduce_sum(np.array([done_before, len(store.log.done) - done_before,
-                                               store.n_pieces], np.int64))
+                                               store.n_pieces, len(skipped)], np.int64))
+        if counts[3] == n:  # every rank sees it: nothing was scored, so no threshold exists
+            first = next(iter(skipped.values()), "see the other ranks")
+            raise DataError(f"every one of the {n} samples was skipped (e.g. {first}); "
+                            "nothing was scored. Fix the data and trace again.")
         # rank 0 always holds cos; the others need it only to weight checkpoints by it
         cos = dist.broadcast(cos) if engine.weighting != "lr" else cos
         weights = None if cos is None else checkpoint_weights(cos, engine.weighting)
@@ -126,7 +135,7 @@ def trace(engine: Engine, index: SampleIndex, instances: Sequence[Instance], out
 
 
 def _score_pieces(engine: Engine, index: SampleIndex, instances: Sequence[Instance],
-                  store: RankStore, dist: Dist) -> np.ndarray | None:
+                  store: RankStore, dist: Dist, skip_unreadable: bool = False) -> np.ndarray | None:
     """Score this rank's missing pieces; returns cos (T, K) on rank 0 (None elsewhere)."""
     todo = store.todo()
     if not todo and not dist.is_main:
@@ -138,7 +147,8 @@ def _score_pieces(engine: Engine, index: SampleIndex, instances: Sequence[Instan
                disable=not engine.progress)
     batches = iter_chunks(index, [store.chunks[j] for j in todo], workers=engine.workers,
                           pin_memory=engine.device.type == "cuda",
-                          captions=engine.objective.needs_captions)
+                          captions=engine.objective.needs_captions,
+                          skip_unreadable=skip_unreadable)
     for (j, ts), batch in zip(todo.items(), batches, strict=True):
         images = engine.to_device(batch) if len(batch) else None
         for t in ts:

@@ -187,6 +187,11 @@ def test_a_trace_whose_shard_went_missing_resumes_once_it_is_back(tmp_path_facto
     assert "was it moved" in capsys.readouterr().err
     log = out / "partial" / "done-rank0.jsonl"
     assert not log.exists() or log.read_text().strip() == ""
+    # a shard lost for good: told so, the trace finishes with every sample skipped and said
+    lost = tmp_path / "lost"
+    assert main(trace_args({"root": root}, lost, "--skip-unreadable-shards")) == 1
+    err = capsys.readouterr().err  # no sample left to score: a clear error, naming why
+    assert "every one of the 121 samples was skipped" in err and "pack.bin" in err
     moved.rename(root / "index" / "pack.bin")
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())

@@ -304,7 +304,8 @@ class SampleIndex:
                                  "was it moved? Restore it and run again: finished work is "
                                  "kept.") from e
         if len(data) != size:
-            raise ShardReadError(f"shard {path} is shorter than when it was indexed: wanted "
+            raise ShardReadError(f"shard {path} is truncated, shorter than when it was "
+                                 f"indexed: wanted "
                                  f"{size} bytes at offset {offset}, got {len(data)}. Restore "
                                  "it, or rebuild the index.")
         return data

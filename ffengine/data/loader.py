@@ -40,9 +40,11 @@ def pad_images(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
     return out, sizes
 
 
-def decode_ids(index: SampleIndex, ids: Sequence[int], captions: bool = False) -> DecodedBatch:
+def decode_ids(index: SampleIndex, ids: Sequence[int], captions: bool = False,
+               skip_unreadable: bool = False) -> DecodedBatch:
     """Decode ``ids``; a sample that cannot be decoded (or, with ``captions``, has no readable
-    caption) is skipped with its reason. A shard that cannot be read raises ShardReadError."""
+    caption) is skipped with its reason. A shard that cannot be read raises ShardReadError,
+    unless ``skip_unreadable`` (for a shard lost for good): then its samples are skipped."""
     arrays, good, skipped = [], [], []
     flags = np.asarray(index.records["flags"])
     for i in ids:
@@ -56,8 +58,10 @@ def decode_ids(index: SampleIndex, ids: Sequence[int], captions: bool = False) -
                 continue
             arrays.append(index.image(i))
             good.append(i)
-        except ShardReadError:
-            raise  # the shard, not the sample: stop, so a resume retries it once restored
+        except ShardReadError as e:
+            if not skip_unreadable:
+                raise  # the shard, not the sample: stop, so a resume retries it once restored
+            skipped.append((i, str(e)))
         except DataError as e:
             skipped.append((i, str(e)))
     images, sizes = pad_images(arrays)
@@ -65,14 +69,16 @@ def decode_ids(index: SampleIndex, ids: Sequence[int], captions: bool = False) -
 
 
 class _ChunkDataset(torch.utils.data.Dataset):
-    def __init__(self, index: SampleIndex, chunks: Sequence[np.ndarray], captions: bool):
-        self.index, self.chunks, self.captions = index, chunks, captions
+    def __init__(self, index: SampleIndex, chunks: Sequence[np.ndarray], captions: bool,
+                 skip_unreadable: bool):
+        self.index, self.chunks = index, chunks
+        self.captions, self.skip_unreadable = captions, skip_unreadable
 
     def __len__(self) -> int:
         return len(self.chunks)
 
     def __getitem__(self, k: int) -> DecodedBatch:
-        return decode_ids(self.index, self.chunks[k], self.captions)
+        return decode_ids(self.index, self.chunks[k], self.captions, self.skip_unreadable)
 
 
 def iter_decoded(index: SampleIndex, ids: np.ndarray, chunk: int, workers: int = 0,
@@ -84,12 +90,13 @@ def iter_decoded(index: SampleIndex, ids: np.ndarray, chunk: int, workers: int =
 
 
 def iter_chunks(index: SampleIndex, chunks: Sequence[np.ndarray], workers: int = 0,
-                pin_memory: bool = False, captions: bool = False) -> Iterator[DecodedBatch]:
+                pin_memory: bool = False, captions: bool = False,
+                skip_unreadable: bool = False) -> Iterator[DecodedBatch]:
     """Decode each array of ids in ``chunks`` into one batch, in order (see
-    :func:`iter_decoded`; ``captions`` as in :func:`decode_ids`)."""
+    :func:`iter_decoded`; ``captions`` and ``skip_unreadable`` as in :func:`decode_ids`)."""
     loader = torch.utils.data.DataLoader(
-        _ChunkDataset(index, list(chunks), captions), batch_size=None, shuffle=False,
-        num_workers=workers, pin_memory=pin_memory, prefetch_factor=2 if workers > 0 else None,
+        _ChunkDataset(index, list(chunks), captions, skip_unreadable), batch_size=None,
+        shuffle=False, num_workers=workers, pin_memory=pin_memory, prefetch_factor=2 if workers > 0 else None,
         persistent_workers=False)
     yield from loader
 
