@@ -96,8 +96,8 @@ def iter_chunks(index: SampleIndex, chunks: Sequence[np.ndarray], workers: int =
     :func:`iter_decoded`; ``captions`` and ``skip_unreadable`` as in :func:`decode_ids`)."""
     loader = torch.utils.data.DataLoader(
         _ChunkDataset(index, list(chunks), captions, skip_unreadable), batch_size=None,
-        shuffle=False, num_workers=workers, pin_memory=pin_memory, prefetch_factor=2 if workers > 0 else None,
-        persistent_workers=False)
+        shuffle=False, num_workers=workers, pin_memory=pin_memory,
+        prefetch_factor=2 if workers > 0 else None, persistent_workers=False)
     yield from loader
 
 
