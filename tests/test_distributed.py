@@ -191,8 +191,8 @@ def test_rise_weighting_reaches_every_rank(setup, tmp_path, monkeypatch):
 
     score_pieces = trace_module._score_pieces
 
-    def as_if_resumed(engine, index, instances, store, dist):
-        cos = score_pieces(engine, index, instances, store, dist)
+    def as_if_resumed(engine, index, instances, store, dist, *rest):
+        cos = score_pieces(engine, index, instances, store, dist, *rest)
         return cos if dist.is_main else None  # what a rank with nothing left to do returns
 
     monkeypatch.setattr(trace_module, "_score_pieces", as_if_resumed)
