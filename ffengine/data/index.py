@@ -305,9 +305,8 @@ class SampleIndex:
                                  "kept.") from e
         if len(data) != size:
             raise ShardReadError(f"shard {path} is truncated, shorter than when it was "
-                                 f"indexed: wanted "
-                                 f"{size} bytes at offset {offset}, got {len(data)}. Restore "
-                                 "it, or rebuild the index.")
+                                 f"indexed: wanted {size} bytes at offset {offset}, got "
+                                 f"{len(data)}. Restore it, or rebuild the index.")
         return data
 
     def image_bytes(self, i: int) -> bytes:
