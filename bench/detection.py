@@ -239,14 +239,18 @@ def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool)
     atomic_write_json(work / "times.json", times)
 
     truth = load_truth(work / "data")
-    rows, det_by_method = [], {}
+    rows, det_by_method, det_by_aggregation = [], {}, {}
     for name in methods:
         m = METHODS[name]
         tname = trace_name(name, cfg.is_clip)
         tdir = work / "traces" / f"v2-{tname}"
         terms = np.load(tdir / "terms.npy", mmap_mode="r")
         cos = np.array(json.loads((tdir / "summary.json").read_text())["cos_per_checkpoint"])
-        det_by_method[name] = method_scores(terms, m, cos)
+        # methods that differ only in k share one aggregation: compute it once
+        key = (tname, replace(m, k=0.0))
+        if key not in det_by_aggregation:
+            det_by_aggregation[key] = method_scores(terms, m, cos)
+        det_by_method[name] = det_by_aggregation[key]
         metrics = score_metrics(det_by_method[name], m, truth, index.labels, cfg.target_class,
                                 domains=(index.domains, index.domain_names),
                                 n_instances=min(m.instances, terms.shape[3]))

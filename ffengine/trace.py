@@ -114,7 +114,7 @@ def trace(engine: Engine, index: SampleIndex, instances: Sequence[Instance], out
         counts = dist.all_reduce_sum(np.array([done_before, len(store.log.done) - done_before,
                                                store.n_pieces, len(skipped)], np.int64))
         if counts[3] == n:  # every rank sees it: nothing was scored, so no threshold exists
-            first = next(iter(skipped.values()), "see the other ranks")
+            first = skipped[min(skipped)] if skipped else "see the other ranks"
             raise DataError(f"every one of the {n} samples was skipped (e.g. {first}); "
                             "nothing was scored. Fix the data and trace again.")
         # rank 0 always holds cos; the others need it only to weight checkpoints by it
