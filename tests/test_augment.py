@@ -15,6 +15,7 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
+from ffengine.data import packed as packed_module
 from ffengine.data.augment import (
     N_PARAMS,
     AugmentConfig,
@@ -26,6 +27,7 @@ from ffengine.data.augment import (
     crop_boxes,
     stream_id,
 )
+from ffengine.data.packed import pack_images, pad_groups
 
 MASK = (1 << 64) - 1
 IDENTITY = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0)
@@ -249,6 +251,25 @@ def test_augment_batch_independent_of_batch_composition(batch):
             alone = augment_batch(alone_images, alone_sizes, ids[k: k + 1], seed, 7, cfg)
             torch.testing.assert_close(alone[0], together[k], atol=1e-6, rtol=0)
 
+
+
+@pytest.mark.parametrize("min_pixels", [1, 1500, 1 << 22])
+def test_augment_packed_images_equals_padded(batch, monkeypatch, min_pixels):
+    """Packed images, padded in groups of similar size (several groups with a small
+    min_pixels, one with the default), give the views of the padded batch."""
+    monkeypatch.setattr(packed_module, "MIN_GROUP_PIXELS", min_pixels)
+    arrays, images, sizes, ids = batch
+    packed = pack_images(arrays)
+    n_groups = len(pad_groups(packed.sizes))
+    assert (n_groups == 1) == (min_pixels == 1 << 22)
+    for seed, cfg in [(0, AugmentConfig()), (3, AugmentConfig(size=24, scale=(0.5, 1.0)))]:
+        want = augment_batch(images, sizes, ids, seed, 7, cfg)
+        got = augment_batch(packed, packed.sizes, ids, seed, 7, cfg)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        sel = np.array([6, 1, 3])
+        torch.testing.assert_close(augment_batch(packed.select(sel), sizes[sel], ids[sel],
+                                                 seed, 7, cfg), want[sel], atol=1e-6, rtol=0)
 
 def test_identity_view(batch):
     arrays, images, sizes, ids = batch

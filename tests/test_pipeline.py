@@ -131,6 +131,32 @@ def test_terms_do_not_depend_on_the_other_options(small):
                                atol=1e-6 * scale)
 
 
+def test_images_of_mixed_sizes_score_the_same_packed(small, tmp_path, np_rng, monkeypatch):
+    """Images of many sizes stay packed and are padded in groups of similar size (not each
+    scoring batch to its largest): every term is what one padded batch gives."""
+    from PIL import Image
+
+    from ffengine.data import packed as packed_module
+
+    src = demo_index("train")
+    sizes = np_rng.integers(20, 72, size=(30, 2))
+    images = [np.asarray(Image.fromarray(src.image(i)).resize((int(w), int(h))))
+              for i, (h, w) in enumerate(sizes)]
+    index = index_arrays(images, tmp_path / "mixed")
+    model = small["run"].load_model(small["run"].checkpoints[-1])
+    inst = find_instance(model, small["cfg"], small["clean"], small["test"])
+    engine = Engine(small["run"], batch_size=10, draws=2, progress=False)
+
+    monkeypatch.setattr(packed_module, "MIN_GROUP_PIXELS", 1 << 40)  # one group per batch
+    whole = engine.score(index, [inst], check_index=False)
+    monkeypatch.setattr(packed_module, "MIN_GROUP_PIXELS", 1)
+    assert len(packed_module.pad_groups(sizes[:10])) > 2
+    grouped = engine.score(index, [inst], check_index=False)
+    scale = np.abs(whole.terms).max()
+    assert scale > 0
+    np.testing.assert_allclose(grouped.terms, whole.terms, rtol=1e-5, atol=1e-6 * scale)
+
+
 def test_instances_pair_x_b_with_a_reference_of_another_class(small):
     model = small["run"].load_model(small["run"].checkpoints[-1])
     test = small["test"]

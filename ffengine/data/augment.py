@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torchvision.ops import roi_align
 
+from .packed import Images, PackedImages, pad_groups
+
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 N_PARAMS = 48  # uniforms drawn per view: 10 crop attempts x 4, flip, 4 jitter, 2 gates, ...
 
@@ -157,15 +159,27 @@ def _replicate_pad(x: torch.Tensor, sizes: np.ndarray) -> torch.Tensor:
     return x.gather(3, xs[:, None, None, :].expand(B, C, H, W))
 
 
-def augment_batch(images: torch.Tensor, sizes: torch.Tensor | np.ndarray, ids: np.ndarray,
-                  seed: int, stream: int, cfg: AugmentConfig) -> torch.Tensor:
+def augment_batch(images: Images, sizes: torch.Tensor | np.ndarray,
+                  ids: np.ndarray, seed: int, stream: int, cfg: AugmentConfig) -> torch.Tensor:
     """One view of each image.
 
     images: (B, 3, Hmax, Wmax) uint8 or float in [0, 1], each image top-left aligned in its
-    padded slot; sizes: (B, 2) true (H, W); ids: (B,) sample ids. Returns (B, 3, size, size)
-    float32 in [0, 1] on the images' device.
+    padded slot, or :class:`PackedImages` (padded here in groups of similar size: a view does
+    not depend on the other images of its batch); sizes: (B, 2) true (H, W); ids: (B,)
+    sample ids. Returns (B, 3, size, size) float32 in [0, 1] on the images' device.
     """
     sizes = np.asarray(sizes.cpu() if isinstance(sizes, torch.Tensor) else sizes)
+    if isinstance(images, PackedImages):
+        groups = pad_groups(sizes)
+        if len(groups) <= 1:
+            images = images.padded()
+        else:
+            out = torch.empty((len(ids), 3, cfg.size, cfg.size), dtype=torch.float32,
+                              device=images.pixels.device)
+            for g in groups:
+                out[torch.as_tensor(g, device=out.device)] = augment_batch(
+                    images.padded(g), sizes[g], ids[g], seed, stream, cfg)
+            return out
     u = counter_uniforms(seed, ids, stream)
     B = len(ids)
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()

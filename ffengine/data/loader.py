@@ -1,4 +1,4 @@
-"""Decode index samples into padded uint8 batches, skipping (and reporting) corrupt images."""
+"""Decode index samples into packed uint8 batches, skipping (and reporting) corrupt images."""
 
 from __future__ import annotations
 
@@ -10,34 +10,48 @@ import torch
 
 from ..errors import DataError
 from .index import FLAG_CORRUPT, SampleIndex, ShardReadError
+from .packed import PackedImages, pack_images
 
 
 @dataclass
 class DecodedBatch:
-    """Images top-left aligned in a (B, 3, Hmax, Wmax) uint8 tensor.
+    """Decoded images, packed (:class:`PackedImages`: their sizes add up, a chunk never
+    costs batch × its largest image).
 
-    ids: (B,) sample ids of the decoded images; sizes: (B, 2) their true (H, W);
+    ids: (B,) sample ids of the decoded images, in ``packed``'s order;
     skipped: (id, reason) of the requested samples that could not be decoded.
     """
 
-    images: torch.Tensor
-    sizes: np.ndarray
+    packed: PackedImages
     ids: np.ndarray
     skipped: list[tuple[int, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def sizes(self) -> np.ndarray:
+        """(B, 2) true (H, W) of each image."""
+        return self.packed.sizes
+
+    @property
+    def images(self) -> torch.Tensor:
+        """Every image padded to the largest, (B, 3, Hmax, Wmax) uint8: for small, uniform
+        data sets (pre-training, the demo, tests); scoring keeps chunks packed."""
+        return self.packed.padded()
+
+    def pin_memory(self) -> DecodedBatch:
+        """Called by DataLoader(pin_memory=True): page-locked pixels copy to a GPU faster."""
+        p = self.packed
+        return DecodedBatch(PackedImages(p.pixels.pin_memory(), p.sizes, p.offsets, p.regular),
+                            self.ids, self.skipped)
+
 
 def pad_images(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
-    """(H, W, 3) uint8 arrays -> (B, 3, Hmax, Wmax) uint8 tensor and (B, 2) sizes."""
-    sizes = np.array([a.shape[:2] for a in arrays], dtype=np.int64).reshape(-1, 2)
-    hmax, wmax = (sizes.max(0) if len(arrays) else (0, 0))
-    out = torch.zeros((len(arrays), 3, int(hmax), int(wmax)), dtype=torch.uint8)
-    for k, a in enumerate(arrays):
-        out[k, :, : a.shape[0], : a.shape[1]] = torch.from_numpy(np.ascontiguousarray(a)).permute(
-            2, 0, 1)
-    return out, sizes
+    """(H, W, 3) uint8 arrays -> (B, 3, Hmax, Wmax) uint8 tensor and (B, 2) sizes (for a few
+    images, e.g. backdoor instances; a data set's chunks stay packed)."""
+    packed = pack_images(arrays)
+    return packed.padded(), packed.sizes
 
 
 def decode_ids(index: SampleIndex, ids: Sequence[int], captions: bool = False,
@@ -64,8 +78,7 @@ def decode_ids(index: SampleIndex, ids: Sequence[int], captions: bool = False,
             skipped.append((i, str(e)))
         except DataError as e:
             skipped.append((i, str(e)))
-    images, sizes = pad_images(arrays)
-    return DecodedBatch(images, sizes, np.asarray(good, dtype=np.int64), skipped)
+    return DecodedBatch(pack_images(arrays), np.asarray(good, dtype=np.int64), skipped)
 
 
 class _ChunkDataset(torch.utils.data.Dataset):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ..data.augment import augment_batch, stream_id
 from ..data.index import SampleIndex
+from ..data.packed import Images
 from ..errors import ConfigError
 from ..losses import clip_per_sample_sum
 from ..models.clip import (
@@ -57,9 +58,9 @@ class ClipSignal:
     delta: torch.Tensor
 
 
-def model_inputs(model: ClipModel, images: torch.Tensor, sizes: np.ndarray, ids: np.ndarray,
+def model_inputs(model: ClipModel, images: Images, sizes: np.ndarray, ids: np.ndarray,
                  seed: int = 0, stream: int = 0) -> torch.Tensor:
-    """Decoded images (B, 3, Hmax, Wmax) uint8 or [0, 1] float, top-left aligned -> the
+    """Decoded images (padded (B, 3, Hmax, Wmax) uint8 or [0, 1] float, or packed) -> the
     model's deterministic input view (B, 3, S, S) float in [0, 1] (centred square crop
     resized to the model's image size)."""
     return augment_batch(images, sizes, ids, seed, stream, clip_eval_augment(model.image_size))
@@ -199,7 +200,7 @@ class ClipObjective:
         with torch.no_grad():
             return model.encode_text(tokens)
 
-    def score_batch(self, model: ClipModel, index: SampleIndex, images: torch.Tensor,
+    def score_batch(self, model: ClipModel, index: SampleIndex, images: Images,
                     sizes: np.ndarray, ids: np.ndarray, grads: dict[str, torch.Tensor], *,
                     seed: int = 0, epoch: int = 0, draw: int = 0,
                     backend: str | None = "auto", reference: bool = False) -> torch.Tensor:

@@ -11,7 +11,8 @@ An objective answers four questions for the run it belongs to:
 3. ``score_batch(model, index, images, sizes, ids, grads, *, seed, epoch, draw, backend,
    reference)``: the (B, K) normalized scores ``⟨G_k, g_i⟩ / ‖g_i‖`` of one scoring batch
    (the batch members are each other's negatives), unweighted by the learning rate.
-   ``images`` (B, 3, Hmax, Wmax) uint8 on the device, ``sizes`` (B, 2), ``ids`` (B,)
+   ``images`` :class:`~ffengine.data.packed.PackedImages` on the device (or a padded
+   (B, 3, Hmax, Wmax) uint8 tensor; both go to ``augment_batch``), ``sizes`` (B, 2), ``ids`` (B,)
    sample ids of ``index`` (the objective reads what else it needs, e.g. captions).
 4. ``views``: views per sample and draw (SimCLR 2, CLIP 1); ``draws_matter``: whether more
    than one draw changes anything (CLIP's scoring view is deterministic); ``needs_captions``:
@@ -28,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from ..data.packed import Images
 from ..errors import ConfigError
 
 
@@ -43,7 +45,7 @@ class Objective(Protocol):
                          x_r: Sequence[torch.Tensor]
                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor]: ...
 
-    def score_batch(self, model: torch.nn.Module, index: Any, images: torch.Tensor,
+    def score_batch(self, model: torch.nn.Module, index: Any, images: Images,
                     sizes: np.ndarray, ids: np.ndarray, grads: dict[str, torch.Tensor], *,
                     seed: int, epoch: int, draw: int, backend: str | None,
                     reference: bool) -> torch.Tensor: ...

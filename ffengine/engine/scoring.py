@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..data.index import SampleIndex
 from ..data.loader import DecodedBatch, iter_chunks
+from ..data.packed import PackedImages
 from ..errors import ConfigError, DataError
 from ..ops.ghost_score import resolve_backend
 from ..run import Checkpoint, Run
@@ -261,15 +262,16 @@ class Engine:
             state.cos[t] = c.detach().cpu().numpy()
         return state
 
-    def to_device(self, batch: DecodedBatch) -> torch.Tensor:
-        return batch.images.to(self.device, non_blocking=True)
+    def to_device(self, batch: DecodedBatch) -> PackedImages:
+        """The batch's packed images on the scoring device (moved once per chunk)."""
+        return batch.packed.to(self.device, non_blocking=True)
 
     def score_piece(self, state: ScoringState, t: int, batch: DecodedBatch,
-                    images: torch.Tensor | None = None) -> np.ndarray:
+                    images: PackedImages | None = None) -> np.ndarray:
         """Terms of checkpoint ``t`` for the decoded samples of one chunk.
 
         Returns (D, len(batch), K) float32: ``α_t ⟨G_tk, g_it⟩ / ‖g_it‖`` per draw, for the
-        samples ``batch.ids`` in that order. ``images``: ``batch.images`` already on the
+        samples ``batch.ids`` in that order. ``images``: ``batch.packed`` already on the
         device (to move a chunk once for all checkpoints).
         """
         D, K = self.draws, state.cos.shape[1]
@@ -280,9 +282,10 @@ class Engine:
         model, ckpt = state.models[t], self.checkpoints[t]
         n_sub = max(1, round(len(batch) / self.batch_size))
         for d in range(D):
+            # consecutive samples per scoring batch: they are each other's negatives
             for sel in np.array_split(np.arange(len(batch)), n_sub):
                 s = self.objective.score_batch(
-                    model, state.index, images[sel], batch.sizes[sel], batch.ids[sel],
+                    model, state.index, images.select(sel), batch.sizes[sel], batch.ids[sel],
                     state.grads[t], seed=self.seed, epoch=ckpt.epoch, draw=d,
                     backend=self.backend, reference=self.reference)
                 out[d, sel] = (s * ckpt.lr).float().cpu().numpy()

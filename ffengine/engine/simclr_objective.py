@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..data.augment import augment_batch, stream_id
+from ..data.packed import Images
 from ..models import SimCLRModel
 from ..reference.scoring import score_batch_reference
 from ..run import Checkpoint, Run
@@ -52,7 +53,7 @@ class SimclrObjective:
                          x_r: Sequence[torch.Tensor]):
         return cosine_gradients(model, x_b, x_r, self.layers)
 
-    def view_features(self, model: SimCLRModel, images: torch.Tensor, sizes: np.ndarray,
+    def view_features(self, model: SimCLRModel, images: Images, sizes: np.ndarray,
                       ids: np.ndarray, seed: int, epoch: int, draw: int) -> torch.Tensor:
         """(2B, d) backbone features of both views (view-major rows), no autograd graph."""
         out = []
@@ -67,7 +68,7 @@ class SimclrObjective:
                             for s in range(0, len(x), BACKBONE_BATCH)]
         return torch.cat(out)
 
-    def score_batch(self, model: SimCLRModel, index, images: torch.Tensor, sizes: np.ndarray,
+    def score_batch(self, model: SimCLRModel, index, images: Images, sizes: np.ndarray,
                     ids: np.ndarray, grads: dict[str, torch.Tensor], *, seed: int, epoch: int,
                     draw: int, backend: str | None, reference: bool) -> torch.Tensor:
         feats = self.view_features(model, images, sizes, ids, seed, epoch, draw)

@@ -134,10 +134,10 @@ def pretrain_clip(index: SampleIndex, out: str | Path, cfg: ClipPretrainConfig,
     if data.skipped:
         manifest["skipped"] = [{"id": i, "reason": r} for i, r in data.skipped]
     tokens = model.tokenize(captions_of(index, data.ids)).to(device)
-    images = data.images.to(device)
+    images = data.packed.to(device)  # padded per batch, in groups of similar size
 
     def train_batch(sel: np.ndarray, epoch: int) -> float:
-        x = augment_batch(images[sel], data.sizes[sel], data.ids[sel], cfg.seed,
+        x = augment_batch(images.select(sel), data.sizes[sel], data.ids[sel], cfg.seed,
                           stream_id(PRETRAIN_STREAM, epoch, 0), augment)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             img = model.encode_image(x)

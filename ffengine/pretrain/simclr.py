@@ -79,11 +79,11 @@ def pretrain(index: SampleIndex, out: str | Path, cfg: PretrainConfig,
     data = decode_all(index)
     if data.skipped:
         manifest["skipped"] = [{"id": i, "reason": r} for i, r in data.skipped]
-    images = data.images.to(device)
+    images = data.packed.to(device)  # padded per batch, in groups of similar size
 
     def train_batch(sel: np.ndarray, epoch: int) -> float:
         ids = data.ids[sel]
-        views = [augment_batch(images[sel], data.sizes[sel], ids, cfg.seed,
+        views = [augment_batch(images.select(sel), data.sizes[sel], ids, cfg.seed,
                                stream_id(PRETRAIN_STREAM, epoch, v), cfg.augment)
                  for v in (0, 1)]
         x = torch.cat(views).contiguous(memory_format=fmt)

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from ffengine.data import packed as packed_module
 from ffengine.data.demo_data import demo_index
 from ffengine.data.index import (
     SampleIndex,
@@ -27,6 +29,7 @@ from ffengine.data.index import (
     index_image_folder,
 )
 from ffengine.data.loader import decode_ids, iter_decoded
+from ffengine.data.packed import pad_groups
 from ffengine.data.shards import ShardWriter
 from ffengine.errors import DataError
 
@@ -473,3 +476,58 @@ def test_iter_decoded_same_with_and_without_workers(mixed_index):
             slot = batch.images[k].permute(1, 2, 0).numpy()
             np.testing.assert_array_equal(slot[:h, :w], images[i])
             assert not slot[h:].any() and not slot[:, w:].any()
+
+
+
+def test_packed_batch_pads_any_selection_to_its_own_largest(mixed_index, np_rng):
+    """A chunk is stored packed (the sum of its images' sizes); a selection is padded only to
+    the largest image it holds, each image top-left aligned, zeros elsewhere."""
+    index, images = mixed_index
+    ids = np.array([5, 0, 22, 7, 13, 2, 19, 11, 1, 3])
+    packed = decode_ids(index, ids).packed
+    assert packed.pixels.dim() == 1 and not packed.regular
+    assert packed.pixels.numel() == sum(images[i].size for i in ids)
+    np.testing.assert_array_equal(np.diff(packed.offsets), [images[i].size for i in ids[:-1]])
+    for sel in (np_rng.permutation(len(ids))[:4], np.array([3]), np.arange(len(ids))[::-1]):
+        for out in (packed.padded(sel), packed.select(sel).padded()):
+            want_h = max(images[ids[k]].shape[0] for k in sel)
+            want_w = max(images[ids[k]].shape[1] for k in sel)
+            assert out.shape == (len(sel), 3, want_h, want_w) and out.dtype == torch.uint8
+            for slot, k in zip(out, sel, strict=True):
+                h, w = images[ids[k]].shape[:2]
+                np.testing.assert_array_equal(slot[:, :h, :w].permute(1, 2, 0).numpy(),
+                                              images[ids[k]])
+                assert not slot[:, h:].any() and not slot[:, :, w:].any()
+    assert packed.padded(np.array([], dtype=np.int64)).shape[0] == 0
+
+
+def test_packed_batch_of_one_size_pads_nothing(tmp_path, np_rng):
+    images = np_rng.integers(0, 256, (6, 5, 7, 3), dtype=np.uint8)
+    batch = decode_ids(index_arrays(images, tmp_path / "idx"), range(6))
+    assert batch.packed.regular
+    np.testing.assert_array_equal(batch.images.permute(0, 2, 3, 1).numpy(), images)
+    sub = batch.packed.select(np.array([4, 1, 5]))
+    np.testing.assert_array_equal(sub.padded(np.array([2, 0])).permute(0, 2, 3, 1).numpy(),
+                                  images[[5, 4]])
+
+
+@pytest.mark.parametrize("min_pixels", [1, 500, 1 << 22])
+def test_pad_groups_partition_by_area_and_bound_the_padding(np_rng, monkeypatch, min_pixels):
+    monkeypatch.setattr(packed_module, "MIN_GROUP_PIXELS", min_pixels)
+    sizes = np.concatenate([np_rng.integers(1, 50, size=(40, 2)), [[3000, 2], [2, 3000]]])
+    groups = pad_groups(sizes)
+    np.testing.assert_array_equal(np.sort(np.concatenate(groups)), np.arange(len(sizes)))
+    areas = [sizes[g].prod(1) for g in groups]
+    for a, b in zip(areas, areas[1:], strict=False):
+        assert a.max() <= b.min()  # ordered by area: each group's images no larger than the next
+    for g in groups:
+        padded = len(g) * sizes[g, 0].max() * sizes[g, 1].max()
+        assert len(g) == 1 or padded <= max(min_pixels, 2.0 * sizes[g].prod(1).sum())
+    thin = [k for k, g in enumerate(groups) if {40, 41} & set(g.tolist())]
+    assert len(thin) == 2  # the two thin images are never padded together
+    if min_pixels == 1 << 22:  # small images: one group, padding notwithstanding
+        assert len(pad_groups(sizes[:40])) == 1
+    # one size: one group, in order
+    same = pad_groups(np.full((13, 2), 32))
+    assert len(same) == 1 and same[0].tolist() == list(range(13))
+    assert pad_groups(np.zeros((0, 2), np.int64)) == []
