@@ -42,9 +42,7 @@ class DecodedBatch:
 
     def pin_memory(self) -> DecodedBatch:
         """Called by DataLoader(pin_memory=True): page-locked pixels copy to a GPU faster."""
-        p = self.packed
-        return DecodedBatch(PackedImages(p.pixels.pin_memory(), p.sizes, p.offsets, p.regular),
-                            self.ids, self.skipped)
+        return DecodedBatch(self.packed.pin_memory(), self.ids, self.skipped)
 
 
 def pad_images(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:

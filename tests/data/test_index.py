@@ -509,6 +509,16 @@ def test_packed_batch_of_one_size_pads_nothing(tmp_path, np_rng):
     sub = batch.packed.select(np.array([4, 1, 5]))
     np.testing.assert_array_equal(sub.padded(np.array([2, 0])).permute(0, 2, 3, 1).numpy(),
                                   images[[5, 4]])
+    run = batch.packed.select(np.arange(2, 5)).padded()  # consecutive: a view, no copy
+    assert run.untyped_storage().data_ptr() == batch.packed.pixels.untyped_storage().data_ptr()
+    np.testing.assert_array_equal(run.permute(0, 2, 3, 1).numpy(), images[2:5])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
+def test_decoded_batch_is_pinned_by_the_data_loader(mixed_index):
+    index, _ = mixed_index
+    batches = list(iter_decoded(index, np.arange(8), chunk=4, pin_memory=True))
+    assert all(b.packed.pixels.is_pinned() for b in batches)
 
 
 @pytest.mark.parametrize("min_pixels", [1, 500, 1 << 22])
