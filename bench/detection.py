@@ -751,6 +751,7 @@ def write_markdown(rows: list[dict]) -> None:
                  else f"{PAPER_ROW['dacc']} / {PAPER_ROW['fpr']} / {PAPER_ROW['fnr']}")
         doms = " / ".join(_domains_cell(by.get((c, m))) for m in ("paper", default))
         lines.append(f"| {c} | {paper} | {cells[0]} | {cells[1]} | {doms} |")
+    lines += ["", *coverage_lines(rows)]
     lines += ["", "## Methods", "", "| method | what it does |", "|---|---|"]
     notes = {"optref": "; x_r optimized from noise (Table 7)",
              "fc2": "; only head.fc2 scored",
@@ -797,6 +798,24 @@ def write_markdown(rows: list[dict]) -> None:
         lines.append(f"* `{cmd}`")
     RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(RESULTS_MD, ("\n".join(lines) + "\n").encode())
+
+
+def coverage_lines(rows: list[dict]) -> list[str]:
+    """The grid's configurations, each with whether the attack took or that it is not run yet
+    (what is measured and what is still missing, in one place)."""
+    measured = {r["config"]: r for r in rows}  # a configuration's rows share ASR and took
+    lines = ["## Grid coverage", "",
+             "Every configuration of the grids (`--grid NAME`), run or not: what is measured and "
+             "what is still to run.", "",
+             "| grid | config | status | ASR / untriggered |", "|---|---|---|---|"]
+    for grid, configs in GRIDS.items():
+        for cfg in configs:
+            r = measured.get(cfg.name)
+            status = ("not run yet" if r is None else
+                      "attack took" if r["took"] else "attack did not take")
+            asr = "" if r is None else f"{r['asr']:.3f} / {r['asr_untriggered']:.3f}"
+            lines.append(f"| {grid} | {cfg.name} | {status} | {asr} |")
+    return lines
 
 
 def _s(x) -> str:

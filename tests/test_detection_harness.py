@@ -176,3 +176,17 @@ def test_saved_scores_give_back_every_method_and_the_metrics_they_were_measured_
         got = detection.score_metrics(saved["scores"][m], method, truth, index.labels, 9,
                                       n_instances=want["n_instances"])
         assert got == want
+
+
+def test_coverage_lists_every_grid_configuration_with_its_status():
+    took, failed = detection.GRIDS["seeds"][1], detection.GRIDS["rates"][0]
+    rows = [dict(_row(took.name, "paper", 0.9), asr=0.7, asr_untriggered=0.05),
+            dict(_row(failed.name, "paper", 0.9, took=False), asr=0.1, asr_untriggered=0.04)]
+    table = [line for line in detection.coverage_lines(rows) if line.startswith("| ")][1:]
+    assert len(table) == sum(len(g) for g in detection.GRIDS.values())
+    status = {line.split(" | ")[1]: line.split(" | ")[2] for line in table}
+    assert status[took.name] == "attack took"
+    assert status[failed.name] == "attack did not take"
+    others = {c.name for g in detection.GRIDS.values() for c in g} - {took.name, failed.name}
+    assert others and all(status[c] == "not run yet" for c in others)
+    assert f"| seeds | {took.name} | attack took | 0.700 / 0.050 |" in table
