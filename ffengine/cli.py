@@ -224,6 +224,7 @@ def cmd_trace(a: argparse.Namespace) -> int:
     from .engine.distributed import local_device, process_group_from_env
     from .engine.instance import load_instance
     from .engine.scoring import Engine
+    from .report import format_reference_class_share
     from .run import Run
     from .trace import trace
 
@@ -249,8 +250,10 @@ def cmd_trace(a: argparse.Namespace) -> int:
     if summary is None:  # ranks other than 0: rank 0 reports
         return 0
     lines = [f"flagged {summary['n_flagged']} of {summary['n']} inputs (threshold "
-             f"{summary['threshold']:.4g}, k={k:g}); results in {a.output}",
-             (Path(a.output) / "domains.txt").read_text().rstrip()]
+             f"{summary['threshold']:.4g}, k={k:g}); results in {a.output}"]
+    if summary.get("reference_class") and summary["n_flagged"]:
+        lines.append(format_reference_class_share(summary["reference_class"]))
+    lines.append((Path(a.output) / "domains.txt").read_text().rstrip())
     _emit(summary, a.json, "\n".join(lines))
     return 0
 

@@ -25,6 +25,7 @@ from .errors import ManifestMismatchError
 from .evaluate import evaluate, format_metrics
 from .methods import DEFAULT_METHOD, get_method
 from .pretrain.simclr import PretrainConfig, pretrain
+from .report import format_reference_class_share
 from .run import Run
 from .trace import trace
 
@@ -120,6 +121,8 @@ def run_demo(attack: str = "pe2", workdir: str | Path = "ffengine-demo",
         f"(cos {inst.meta['cos']:.3f})"
         + (f" and {len(found) - 1} more" if len(found) > 1 else ""),
         f"scoring method {method}: {m.describe()}",
+        *([format_reference_class_share(summary["reference_class"])]
+          if summary.get("reference_class") and summary["n_flagged"] else []),
         domains,
         format_metrics(metrics),
         f"wall time {timings['total_s']:.0f} s; results in {work}",

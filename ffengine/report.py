@@ -19,7 +19,8 @@ from ffengine.detect.domains import domain_suspicion
 from ffengine.errors import ConfigError, DataError
 from ffengine.io_utils import atomic_write_bytes
 
-__all__ = ["domain_table", "format_domain_table", "plot_score_distribution"]
+__all__ = ["domain_table", "format_domain_table", "plot_score_distribution",
+           "reference_class_share", "format_reference_class_share"]
 
 _CHUNK = 1 << 22
 _CLEAN_COLOR = "#4C72B0"
@@ -204,3 +205,46 @@ def format_domain_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
     sep = "-" * (sum(widths) + 2 * (len(widths) - 1))
     return "\n".join([line(header), sep, *(line(c) for c in cells)]) + "\n"
+
+
+def reference_class_share(flagged_ids: Sequence[int] | np.ndarray, labels: np.ndarray,
+                          reference_labels: Sequence[int],
+                          skipped_ids: Sequence[int] | np.ndarray = ()) -> dict[str, Any] | None:
+    """How much of the flagged set carries the class of a reference input x_r.
+
+    Clean images of x_r's class raise cos(f(x_b), f(x_r)) too, and are the method's usual
+    false positives (docs/RESULTS.md): where the index has labels, the user should see how
+    many of the flagged inputs they are. ``labels`` (n,), -1 for none; ``reference_labels``:
+    the instances' ``x_r_label`` values (negative ones, e.g. an optimized x_r, are ignored).
+    None when no reference class is known or no scored input carries one. Otherwise
+    ``{"labels", "flagged", "total", "rate", "flagged_other", "total_other", "rate_other",
+    "share"}``: flagged / scored inputs of those classes, of the other labelled inputs, and
+    the share of the flagged set that carries a reference class.
+    """
+    ref = sorted({int(v) for v in reference_labels if int(v) >= 0})
+    labels = np.asarray(labels)
+    scored = np.ones(labels.shape[0], dtype=bool)
+    scored[np.asarray(skipped_ids, dtype=np.int64)] = False
+    in_ref = np.isin(labels, ref) & scored
+    other = (labels >= 0) & ~np.isin(labels, ref) & scored
+    if not ref or not in_ref.any():
+        return None
+    hit = np.zeros(labels.shape[0], dtype=bool)
+    hit[np.asarray(flagged_ids, dtype=np.int64)] = True
+    n_ref, n_other = int((hit & in_ref).sum()), int((hit & other).sum())
+    return {"labels": ref, "flagged": n_ref, "total": int(in_ref.sum()),
+            "rate": n_ref / int(in_ref.sum()),
+            "flagged_other": n_other, "total_other": int(other.sum()),
+            "rate_other": n_other / int(other.sum()) if other.any() else None,
+            "share": n_ref / int(hit.sum()) if hit.any() else 0.0}
+
+
+def format_reference_class_share(share: Mapping[str, Any]) -> str:
+    """One paragraph on :func:`reference_class_share`'s figures, for the trace's output."""
+    labels = ", ".join(str(v) for v in share["labels"])
+    other = ("" if share["rate_other"] is None else
+             f", against {100.0 * share['rate_other']:.1f}% of the other labelled inputs")
+    return (f"{share['flagged']} of the flagged inputs ({100.0 * share['share']:.0f}%) carry "
+            f"label {labels}, the class of x_r: {100.0 * share['rate']:.1f}% of that class is "
+            f"flagged{other}. Clean images of x_r's class raise cos(f(x_b), f(x_r)) too and "
+            "are the method's usual false positives; weigh them with the domain verdict.")

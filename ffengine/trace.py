@@ -61,7 +61,12 @@ from .engine.store import (
 )
 from .errors import ConfigError, DataError
 from .io_utils import atomic_write_bytes, atomic_write_json
-from .report import domain_table, format_domain_table, plot_score_distribution
+from .report import (
+    domain_table,
+    format_domain_table,
+    plot_score_distribution,
+    reference_class_share,
+)
 
 
 def trace(engine: Engine, index: SampleIndex, instances: Sequence[Instance], out: str | Path,
@@ -129,7 +134,9 @@ def trace(engine: Engine, index: SampleIndex, instances: Sequence[Instance], out
                   "scored": int(counts[1])}
         # rank 0 keeps its lock until the summary is written: a process started meanwhile
         # is refused instead of deleting the report's temporaries or the partial files
-        return _report(engine, index, out, k, stats, cos, weights, dist.world_size, pieces)
+        ref_labels = [inst.meta.get("x_r_label", -1) for inst in instances]
+        return _report(engine, index, out, k, stats, cos, weights, dist.world_size, pieces,
+                       ref_labels)
     finally:
         store.close()
 
@@ -161,9 +168,10 @@ def _score_pieces(engine: Engine, index: SampleIndex, instances: Sequence[Instan
 
 def _report(engine: Engine, index: SampleIndex, out: Path, k: float, stats: MADStats,
             cos: np.ndarray, weights: np.ndarray | None, world_size: int,
-            pieces: dict) -> dict:
+            pieces: dict, reference_labels: Sequence[int] = ()) -> dict:
     """Rank 0: assemble the id-ordered arrays, flag, write the report and the summary
-    (``weights``: the checkpoint multipliers the scores were aggregated with, or None)."""
+    (``weights``: the checkpoint multipliers the scores were aggregated with, or None;
+    ``reference_labels``: the instances' x_r classes, -1 where unknown)."""
     n, T, D = len(index), len(engine.checkpoints), engine.draws
     K = cos.shape[1]
     partial = out / PARTIAL_DIR
@@ -205,6 +213,10 @@ def _report(engine: Engine, index: SampleIndex, out: Path, k: float, stats: MADS
         "top_domains": rows[:5],
         # the domain-level verdict (ffengine.detect.domains): a binomial test per domain
         "suspicious_domains": [r["domain"] for r in rows if r["suspicious"]],
+        # how much of the flagged set is of x_r's class (the usual false positives); null
+        # where the index has no labels or x_r's class is unknown
+        "reference_class": reference_class_share(
+            flagged, index.labels, reference_labels, [i for i, _ in skipped]),
     }
     atomic_write_json(out / SUMMARY, summary)  # last: its presence marks a finished trace
     remove_partial(out)

@@ -299,6 +299,18 @@ def test_cli_end_to_end(small, tmp_path, capsys):
     for f in ("scores.npy", "terms.npy", "flagged.npy", "domains.txt", "scores.png",
               "summary.json", "metadata.json"):
         assert (out / f).stat().st_size > 0
+    # the share of the flagged set in x_r's classes (the usual false positives)
+    labels = SampleIndex(data / "index").labels
+    ref = sorted({i["x_r_label"], *(m["x_r_label"] for m in two["metas"])})
+    share = t["reference_class"]
+    assert share["labels"] == ref and share["total"] == int(np.isin(labels, ref).sum())
+    flagged = np.load(out / "flagged.npy")
+    assert share["flagged"] == int(np.isin(labels[flagged], ref).sum())
+    assert main(["trace", "--run", str(run), "--index", str(data / "index"), "--instance",
+                 str(inst), *two["instances"], "-o", str(out), "--quiet"]) == 0  # finished
+    text = capsys.readouterr().out
+    assert text.startswith(f"flagged {t['n_flagged']} of 106 inputs")
+    assert ("the class of x_r" in text) == (t["n_flagged"] > 0)
     # a named method sets checkpoints / draws / aggregate / k; explicit options override
     t2 = call("trace", "--run", run, "--index", data / "index", "--instance", inst, "-o",
               tmp_path / "t2", "--method", "last-max16x5", "--draws", 2, "--json", "--quiet")

@@ -10,7 +10,13 @@ import pytest
 
 from ffengine.errors import DataError
 from ffengine.io_utils import atomic_path, atomic_save_npy, atomic_write_bytes, atomic_write_json
-from ffengine.report import domain_table, format_domain_table, plot_score_distribution
+from ffengine.report import (
+    domain_table,
+    format_domain_table,
+    format_reference_class_share,
+    plot_score_distribution,
+    reference_class_share,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -114,6 +120,37 @@ def test_domain_table_leaves_skipped_samples_out_of_the_totals():
     with pytest.raises(DataError, match="skipped_ids"):
         domain_table([], domain_ids, ["a.com", "b.org", "c"], skipped_ids=[99])
 
+
+
+def test_reference_class_share_counts_like_a_loop(np_rng):
+    labels = np_rng.integers(-1, 10, size=400)
+    skipped = np_rng.choice(400, 30, replace=False)
+    flagged = np_rng.choice(np.setdiff1d(np.arange(400), skipped), 60, replace=False)
+    got = reference_class_share(flagged, labels, [9, 3, -1, 9], skipped)
+    scored = [i for i in range(400) if i not in set(skipped.tolist())]
+    ref = [i for i in scored if labels[i] in (3, 9)]
+    other = [i for i in scored if labels[i] >= 0 and labels[i] not in (3, 9)]
+    hit = set(flagged.tolist())
+    assert got["labels"] == [3, 9]
+    assert (got["flagged"], got["total"]) == (sum(i in hit for i in ref), len(ref))
+    assert (got["flagged_other"], got["total_other"]) == (sum(i in hit for i in other),
+                                                          len(other))
+    assert got["rate"] == pytest.approx(got["flagged"] / len(ref))
+    assert got["rate_other"] == pytest.approx(got["flagged_other"] / len(other))
+    assert got["share"] == pytest.approx(got["flagged"] / 60)
+    json.dumps(got)  # goes into summary.json
+    text = format_reference_class_share(got)
+    assert f"{got['flagged']} of the flagged inputs" in text and "label 3, 9" in text
+
+
+def test_reference_class_share_is_none_without_a_known_class():
+    labels = np.array([9, 9, 1, -1])
+    assert reference_class_share([0], labels, [-1]) is None  # optimized x_r: no class
+    assert reference_class_share([0], np.full(4, -1), [9]) is None  # unlabelled index
+    assert reference_class_share([0], labels, [9], skipped_ids=[0, 1]) is None
+    only = reference_class_share([], np.array([9, 9]), [9])
+    assert (only["share"], only["rate_other"]) == (0.0, None)
+    assert "other labelled" not in format_reference_class_share(only)
 
 def test_atomic_helpers(tmp_path):
     p = atomic_write_bytes(tmp_path / "b.bin", b"abc")
