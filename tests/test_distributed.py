@@ -118,7 +118,9 @@ class _Hub:
     """Collectives among the threads standing in for ranks."""
 
     def __init__(self, world: int):
-        self.barrier = threading.Barrier(world, timeout=120)
+        # only a deadlock should trip it: a rank without chunks waits here for the others'
+        # whole scoring, which took over 120 s once on a loaded 2-core machine
+        self.barrier = threading.Barrier(world, timeout=600)
         self.slots: list[Any] = [None] * world
 
     def exchange(self, rank: int, value: Any, combine) -> Any:
