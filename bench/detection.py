@@ -808,13 +808,15 @@ def coverage_lines(rows: list[dict]) -> list[str]:
              "Every configuration of the grids (`--grid NAME`), run or not: what is measured and "
              "what is still to run.", "",
              "| grid | config | status | ASR / untriggered |", "|---|---|---|---|"]
-    for grid, configs in GRIDS.items():
-        for cfg in configs:
-            r = measured.get(cfg.name)
-            status = ("not run yet" if r is None else
-                      "attack took" if r["took"] else "attack did not take")
-            asr = "" if r is None else f"{r['asr']:.3f} / {r['asr_untriggered']:.3f}"
-            lines.append(f"| {grid} | {cfg.name} | {status} | {asr} |")
+    in_grids = {c.name for g in GRIDS.values() for c in g}
+    places = [(grid, cfg.name) for grid, configs in GRIDS.items() for cfg in configs]
+    places += [("(no grid)", name) for name in sorted(set(measured) - in_grids)]
+    for grid, name in places:
+        r = measured.get(name)
+        status = ("not run yet" if r is None else
+                  "attack took" if r["took"] else "attack did not take")
+        asr = "" if r is None else f"{r['asr']:.3f} / {r['asr_untriggered']:.3f}"
+        lines.append(f"| {grid} | {name} | {status} | {asr} |")
     return lines
 
 

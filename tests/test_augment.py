@@ -270,6 +270,12 @@ def test_augment_packed_images_equals_padded(batch, monkeypatch, min_pixels):
         sel = np.array([6, 1, 3])
         torch.testing.assert_close(augment_batch(packed.select(sel), sizes[sel], ids[sel],
                                                  seed, 7, cfg), want[sel], atol=1e-6, rtol=0)
+        # ids as a list, as the padded path takes them
+        torch.testing.assert_close(augment_batch(packed, packed.sizes, ids.tolist(), seed, 7,
+                                                 cfg), want, atol=1e-6, rtol=0)
+    assert packed.padded_groups() is packed.padded_groups()  # padded once, kept
+    with pytest.raises(ValueError, match="own sizes"):
+        augment_batch(packed, sizes[::-1], ids, 0, 7, AugmentConfig())
 
 def test_identity_view(batch):
     arrays, images, sizes, ids = batch

@@ -190,3 +190,7 @@ def test_coverage_lists_every_grid_configuration_with_its_status():
     others = {c.name for g in detection.GRIDS.values() for c in g} - {took.name, failed.name}
     assert others and all(status[c] == "not run yet" for c in others)
     assert f"| seeds | {took.name} | attack took | 0.700 / 0.050 |" in table
+    # a measured configuration outside every grid is listed too
+    extra = dict(_row("pe2-custom", "paper", 0.9), asr=0.6, asr_untriggered=0.05)
+    assert ("| (no grid) | pe2-custom | attack took | 0.600 / 0.050 |"
+            in detection.coverage_lines([*rows, extra]))

@@ -150,7 +150,10 @@ def test_images_of_mixed_sizes_score_the_same_packed(small, tmp_path, np_rng, mo
     monkeypatch.setattr(packed_module, "MIN_GROUP_PIXELS", 1 << 40)  # one group per batch
     whole = engine.score(index, [inst], check_index=False)
     monkeypatch.setattr(packed_module, "MIN_GROUP_PIXELS", 1)
-    assert len(packed_module.pad_groups(sizes[:10])) > 2
+    # one chunk of 30, three scoring batches of 10: each padded in several groups
+    assert engine.chunk_size >= 30
+    order = engine.sample_order(30)
+    assert all(len(packed_module.pad_groups(sizes[order[s: s + 10]])) > 1 for s in (0, 10, 20))
     grouped = engine.score(index, [inst], check_index=False)
     scale = np.abs(whole.terms).max()
     assert scale > 0

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torchvision.ops import roi_align
 
-from .packed import Images, PackedImages, pad_groups
+from .packed import Images, PackedImages
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 N_PARAMS = 48  # uniforms drawn per view: 10 crop attempts x 4, flip, 4 jitter, 2 gates, ...
@@ -169,16 +169,19 @@ def augment_batch(images: Images, sizes: torch.Tensor | np.ndarray,
     sample ids. Returns (B, 3, size, size) float32 in [0, 1] on the images' device.
     """
     sizes = np.asarray(sizes.cpu() if isinstance(sizes, torch.Tensor) else sizes)
+    ids = np.asarray(ids)
     if isinstance(images, PackedImages):
-        groups = pad_groups(sizes)
-        if len(groups) <= 1:
-            images = images.padded()
+        if not np.array_equal(sizes, images.sizes):
+            raise ValueError("sizes must be the packed images' own sizes, in their order")
+        groups = images.padded_groups()
+        if len(groups) == 1 and (groups[0][0] == np.arange(len(ids))).all():
+            images = groups[0][1]  # one group in order: no scatter
         else:
             out = torch.empty((len(ids), 3, cfg.size, cfg.size), dtype=torch.float32,
                               device=images.pixels.device)
-            for g in groups:
+            for g, padded in groups:
                 out[torch.as_tensor(g, device=out.device)] = augment_batch(
-                    images.padded(g), sizes[g], ids[g], seed, stream, cfg)
+                    padded, sizes[g], ids[g], seed, stream, cfg)
             return out
     u = counter_uniforms(seed, ids, stream)
     B = len(ids)

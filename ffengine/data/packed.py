@@ -5,7 +5,7 @@ its images' sizes, not batch × the largest."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,6 +29,8 @@ class PackedImages:
     sizes: np.ndarray
     offsets: np.ndarray
     regular: bool = False
+    # padded_groups' result, kept: a scoring batch is augmented once per view and draw
+    _groups: list = field(default_factory=list, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -46,9 +48,17 @@ class PackedImages:
         """Page-locked pixels (copy to a GPU faster; DataLoader(pin_memory=True) calls it)."""
         return PackedImages(self.pixels.pin_memory(), self.sizes, self.offsets, self.regular)
 
+    def padded_groups(self) -> list[tuple[np.ndarray, torch.Tensor]]:
+        """(positions, padded images) per :func:`pad_groups` group, computed once per object:
+        one group, all in order, when the images share one size."""
+        if not self._groups:
+            self._groups.extend((g, self.padded(g)) for g in pad_groups(self.sizes))
+        return self._groups
+
     def padded(self, sel: np.ndarray | None = None) -> torch.Tensor:
         """Images ``sel`` (default all), top-left aligned in a (len(sel), 3, Hmax, Wmax) uint8
-        tensor on the pixels' device, Hmax and Wmax the largest of ``sel`` only."""
+        tensor on the pixels' device, Hmax and Wmax the largest of ``sel`` only. Images of one
+        size in consecutive places come back as a view of ``pixels`` (no copy): read only."""
         imgs = self if sel is None else self.select(sel)
         dev = self.pixels.device
         if len(imgs) == 0:

@@ -281,11 +281,12 @@ class Engine:
         images = self.to_device(batch) if images is None else images
         model, ckpt = state.models[t], self.checkpoints[t]
         n_sub = max(1, round(len(batch) / self.batch_size))
-        for d in range(D):
-            # consecutive samples per scoring batch: they are each other's negatives
-            for sel in np.array_split(np.arange(len(batch)), n_sub):
+        # consecutive samples per scoring batch: they are each other's negatives
+        for sel in np.array_split(np.arange(len(batch)), n_sub):
+            sub = images.select(sel)  # padded once for every draw and view
+            for d in range(D):
                 s = self.objective.score_batch(
-                    model, state.index, images.select(sel), batch.sizes[sel], batch.ids[sel],
+                    model, state.index, sub, batch.sizes[sel], batch.ids[sel],
                     state.grads[t], seed=self.seed, epoch=ckpt.epoch, draw=d,
                     backend=self.backend, reference=self.reference)
                 out[d, sel] = (s * ckpt.lr).float().cpu().numpy()
