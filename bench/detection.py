@@ -174,6 +174,12 @@ METHODS = {
     # previous checkpoint (Engine's weighting="rise"): a slice of the paper's trace
     "paper-rise": Method(weighting="rise"),
     "paper-rise-5inst": Method(weighting="rise", instances=5),
+    # the instances' minimum instead of their mean (a poison raises every instance's cosine,
+    # a clean target-class image the cosine of the instances whose x_r it resembles):
+    # picked on 2026-12-02 after the combined-pattern and random-location runs, then
+    # measured on the runs traced after that (docs/RESULTS.md)
+    "last-max16min5-k6": Method(checkpoints="last", draws=16, aggregate="max", instances=5,
+                                k=6.0, combine="min"),
     **{name: m for group in ABLATIONS.values() for name, m in group.items()},
 }
 
@@ -422,7 +428,8 @@ def method_metrics(terms: np.ndarray, m: Method, truth: dict, labels: np.ndarray
 def method_scores(terms: np.ndarray, m: Method, cos: np.ndarray | None = None) -> np.ndarray:
     """A method's (n,) detection scores from a trace's (T, D, n, K) terms: the same
     aggregation ``Engine`` and ``trace`` apply (sum over checkpoints, weighted as the
-    method says by the trace's cos (T, K), ``aggregate`` over draws, mean over instances)."""
+    method says by the trace's cos (T, K), ``aggregate`` over draws, ``combine`` over
+    instances)."""
     k_used = min(m.instances, terms.shape[3])
     if m.weighting != "lr" and cos is None:
         raise ValueError(f"weighting {m.weighting!r} needs the trace's cos per checkpoint")
@@ -430,7 +437,7 @@ def method_scores(terms: np.ndarray, m: Method, cos: np.ndarray | None = None) -
                                                           m.weighting)
     scores = aggregate_draws(np.asarray(terms[:, : m.draws, :, :k_used]), m.aggregate,
                              weights)
-    return detection_scores(scores)
+    return detection_scores(scores, m.combine)
 
 
 def score_metrics(det: np.ndarray, m: Method, truth: dict, labels: np.ndarray, target: int,
@@ -700,7 +707,7 @@ def write_markdown(rows: list[dict]) -> None:
              "terms: the same numbers `ffengine trace` gives with the method's options (`--method` "
              "names only the product's methods, `paper`, `last-max16x5`, `last-x5` and the "
              "default; the others are harness names for `--checkpoints`, `--draws`, "
-             "`--aggregate`, `--k` and `--weighting`, and the `optref`, `fc2` and `ckpt15` "
+             "`--aggregate`, `--combine`, `--k` and `--weighting`, and the `optref`, `fc2` and `ckpt15` "
              "variants need their own instances (`instance --reference optimized`), layers "
              "(`--layers`) or run).", "",
              f"ffengine's default method: `{DEFAULT_METHOD}`. Over the {s['n_configs']} "

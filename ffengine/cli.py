@@ -235,6 +235,7 @@ def cmd_trace(a: argparse.Namespace) -> int:
     draws = m.draws if a.draws is None else a.draws
     aggregate = a.aggregate or m.aggregate
     weighting = a.weighting or m.weighting
+    combine = a.combine or m.combine
     k = m.k if a.k is None else a.k
     timeout = datetime.timedelta(minutes=a.dist_timeout)
     with process_group_from_env(a.device, timeout=timeout) as dist:
@@ -243,7 +244,7 @@ def cmd_trace(a: argparse.Namespace) -> int:
                         batch_size=a.batch_size, seed=a.seed, chunk_batches=a.chunk_batches,
                         workers=a.workers, progress=not a.quiet and dist.is_main,
                         layers=a.layers.split(",") if a.layers else None,
-                        precision=a.precision, weighting=weighting)
+                        precision=a.precision, weighting=weighting, combine=combine)
         summary = trace(engine, SampleIndex(a.index), [load_instance(p) for p in a.instance],
                         a.output, k=k, instance_paths=a.instance, dist=dist,
                         skip_unreadable=a.skip_unreadable_shards)
@@ -374,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True)
     q.add_argument("--method", default=None, choices=sorted(METHODS),
                    help=f"named scoring method (default: {DEFAULT_METHOD} for SimCLR runs, "
-                        f"{DEFAULT_CLIP_METHOD} for CLIP runs); the five options below "
+                        f"{DEFAULT_CLIP_METHOD} for CLIP runs); the six options below "
                         "override its settings")
     q.add_argument("--k", type=float, default=None, help="MAD multiplier (paper: 3)")
     q.add_argument("--checkpoints", default=None, help="all, last, or epochs like 15,75")
@@ -384,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weighting", default=None, choices=["lr", "rise"],
                    help="how checkpoints count: lr (Eq. 5) or rise (also by how much "
                         "cos(f(x_b), f(x_r)) rose since the previous checkpoint)")
+    q.add_argument("--combine", default=None, choices=["mean", "min"],
+                   help="how several instances' scores make one: mean, or min (a sample must "
+                        "raise every instance's cosine)")
     q.add_argument("--batch-size", type=int, default=None,
                    help="scoring batch: the negatives (default: pre-training batch size)")
     q.add_argument("--chunk-batches", type=int, default=16,

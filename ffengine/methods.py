@@ -26,15 +26,19 @@ class Method:
     # how checkpoints count besides their learning rate: "lr" (Eq. 5) or "rise" (by how much
     # cos(f(x_b), f(x_r)) rose since the previous checkpoint; Engine's ``weighting``)
     weighting: str = "lr"
+    # how the instances' scores combine: "mean", or "min" (every instance must rise)
+    combine: str = "mean"
 
     def engine_options(self) -> dict:
         return {"checkpoints": self.checkpoints, "draws": self.draws,
-                "aggregate": self.aggregate, "weighting": self.weighting}
+                "aggregate": self.aggregate, "weighting": self.weighting,
+                "combine": self.combine}
 
     def describe(self) -> str:
         ckpts = "every checkpoint" if self.checkpoints == "all" else "the last checkpoint"
         draws = "1 draw" if self.draws == 1 else f"{self.aggregate} over {self.draws} draws"
-        inst = "1 instance" if self.instances == 1 else f"mean of {self.instances} instances"
+        inst = ("1 instance" if self.instances == 1
+                else f"{self.combine} of {self.instances} instances")
         rise = ", weighted by the cosine's rise" if self.weighting == "rise" else ""
         return f"{ckpts}{rise}, {draws}, {inst}, MAD k = {self.k:g}"
 

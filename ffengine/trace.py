@@ -6,7 +6,7 @@ A finished result directory holds::
                            belong to (written first; checked before any work on a restart)
     scores.npy             (n, K) float32: s_ik per sample and instance (NaN: skipped)
     terms.npy              (T, D, n, K) float32: per-checkpoint, per-draw terms
-    detection_scores.npy   (n,) float32: the score the MAD rule reads (mean over instances)
+    detection_scores.npy   (n,) float32: the score the MAD rule reads (the instances' mean, or min)
     flagged.npy            int64 ids above median + k·MAD
     domains.json / .txt    flagged / scored total per source domain (skipped samples counted
                            apart) and the domain-level verdict
@@ -126,7 +126,7 @@ def trace(engine: Engine, index: SampleIndex, instances: Sequence[Instance], out
         cos = dist.broadcast(cos) if engine.weighting != "lr" else cos
         weights = None if cos is None else checkpoint_weights(cos, engine.weighting)
         _, det_path = dist.run_everywhere(
-            lambda: store.write_scores(engine.aggregate, weights))
+            lambda: store.write_scores(engine.aggregate, weights, engine.combine))
         stats = robust_stats(det_path, allreduce=dist.all_reduce_sum)  # exact, over all ranks
         if not dist.is_main:
             return None
@@ -202,6 +202,7 @@ def _report(engine: Engine, index: SampleIndex, out: Path, k: float, stats: MADS
         "draws": engine.draws,
         "aggregate": engine.aggregate,
         "weighting": engine.weighting,
+        "combine": engine.combine,
         # (T, K) multipliers of each checkpoint's terms; null for "lr" (Eq. 5 as written)
         "checkpoint_weights": None if weights is None else weights.tolist(),
         "chunk_size": engine.chunk_size,

@@ -194,3 +194,13 @@ def test_coverage_lists_every_grid_configuration_with_its_status():
     extra = dict(_row("pe2-custom", "paper", 0.9), asr=0.6, asr_untriggered=0.05)
     assert ("| (no grid) | pe2-custom | attack took | 0.600 / 0.050 |"
             in detection.coverage_lines([*rows, extra]))
+
+
+def test_min_method_takes_the_instances_minimum_of_the_draws_maximum():
+    rng = np.random.default_rng(1)
+    terms = rng.normal(size=(1, 16, 50, 5)).astype(np.float32)
+    m = detection.METHODS["last-max16min5-k6"]
+    want = terms[0].max(0).min(1)
+    np.testing.assert_allclose(detection.method_scores(terms, m), want, rtol=1e-6)
+    mean = detection.method_scores(terms, detection.METHODS["last-max16x5-k6"])
+    np.testing.assert_allclose(mean, terms[0].max(0).mean(1), rtol=1e-5)

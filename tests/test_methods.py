@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+import numpy as np
+
+from ffengine.engine.scoring import detection_scores
 from ffengine.errors import ConfigError
 from ffengine.methods import (
     DEFAULT_CLIP_METHOD,
@@ -17,7 +20,7 @@ from ffengine.methods import (
 def test_paper_method_is_eq5_as_written():
     m = get_method("paper")
     assert m.engine_options() == {"checkpoints": "all", "draws": 1, "aggregate": "mean",
-                                  "weighting": "lr"}
+                                  "weighting": "lr", "combine": "mean"}
     assert (m.instances, m.k) == (1, 3.0)
     assert "every checkpoint" in m.describe() and "k = 3" in m.describe()
 
@@ -27,7 +30,14 @@ def test_default_method_exists_and_every_method_is_valid():
     for m in METHODS.values():
         assert m.checkpoints in ("all", "last") and m.draws >= 1 and m.instances >= 1
         assert m.aggregate in ("mean", "max", "median") and m.k >= 0
-        assert m.weighting in ("lr", "rise")
+        assert m.weighting in ("lr", "rise") and m.combine in ("mean", "min")
+
+
+def test_instance_combination_is_described():
+    from ffengine.methods import Method
+
+    assert "mean of 5 instances" in get_method("last-max16x5").describe()
+    assert "min of 5 instances" in Method(instances=5, combine="min").describe()
 
 
 def test_unknown_method_says_which_exist():
@@ -45,3 +55,13 @@ def test_default_method_follows_the_runs_objective():
     assert default_method_for(_FakeRun("clip_infonce")) == DEFAULT_CLIP_METHOD
     # CLIP scores one fixed view of each image: its default must not ask for more draws
     assert get_method(DEFAULT_CLIP_METHOD).draws == 1
+
+
+def test_detection_scores_combine_the_instances():
+    scores = np.array([[1.0, 3.0, 2.0], [np.nan, np.nan, np.nan], [-1.0, 0.5, 4.0]],
+                      dtype=np.float32)
+    np.testing.assert_allclose(detection_scores(scores), [2.0, np.nan, 3.5 / 3], rtol=1e-6)
+    np.testing.assert_array_equal(detection_scores(scores, "min"), [1.0, np.nan, -1.0])
+    assert detection_scores(scores, "min").dtype == np.float32
+    with pytest.raises(ConfigError, match="combine"):
+        detection_scores(scores, "max")

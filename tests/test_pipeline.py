@@ -324,6 +324,19 @@ def test_cli_end_to_end(small, tmp_path, capsys):
     np.testing.assert_allclose(np.load(tmp_path / "t2" / "scores.npy")[:, 0],
                                terms[0, :, :, 0].max(0), rtol=1e-6)
     assert t2["n"] == 106
+    # --combine min: the detection score is the instances' minimum, recorded as an option
+    t4 = call("trace", "--run", run, "--index", data / "index", "--instance", inst,
+              *two["instances"], "-o", tmp_path / "t4", "--checkpoints", "last",
+              "--combine", "min", "--json", "--quiet")
+    assert t4["combine"] == "min"
+    np.testing.assert_array_equal(np.load(tmp_path / "t4" / "detection_scores.npy"),
+                                  np.load(tmp_path / "t4" / "scores.npy").min(1))
+    meta4 = json.loads((tmp_path / "t4" / "metadata.json").read_text())
+    assert meta4["options"]["combine"] == "min"
+    assert main(["trace", "--run", str(run), "--index", str(data / "index"), "--instance",
+                 str(inst), *two["instances"], "-o", str(tmp_path / "t4"), "--checkpoints",
+                 "last", "--quiet"]) == 1  # the mean on the same directory: refused
+    assert "combine" in capsys.readouterr().err
     # --weighting rise needs two checkpoints; this run has one: a one-line error, exit 1
     assert main(["trace", "--run", str(run), "--index", str(data / "index"), "--instance",
                  str(inst), "-o", str(tmp_path / "t3"), "--weighting", "rise", "--quiet"]) == 1

@@ -39,6 +39,7 @@ from .instance import Instance
 from .objective import objective_for
 
 AGGREGATES = ("mean", "max", "median")
+COMBINES = ("mean", "min")  # how the K instances' scores make one detection score
 CHECKPOINT_WEIGHTS = ("lr", "rise")
 
 
@@ -65,16 +66,25 @@ class ScoreResult:
     cos: np.ndarray  # (T, K) cos(f_t(x_b), f_t(x_r)) at each checkpoint
     skipped: list[tuple[int, str]] = field(default_factory=list)
     backend: str = "torch"
+    combine: str = "mean"
 
     @property
     def detection_scores(self) -> np.ndarray:
-        """One score per sample for the MAD rule: the mean over instances."""
-        return detection_scores(self.scores)
+        """One score per sample for the MAD rule: the instances' scores combined."""
+        return detection_scores(self.scores, self.combine)
 
 
-def detection_scores(scores: np.ndarray) -> np.ndarray:
-    """(n, K) scores -> (n,) float32 detection scores: the mean over instances (NaN stays)."""
-    return np.asarray(scores, dtype=np.float32).mean(axis=1, dtype=np.float32)
+def detection_scores(scores: np.ndarray, combine: str = "mean") -> np.ndarray:
+    """(n, K) scores -> (n,) float32 detection scores: the mean over instances, or with
+    ``combine="min"`` the minimum (a sample must raise the cosine of every instance); NaN
+    stays NaN."""
+    scores = np.asarray(scores, dtype=np.float32)
+    if combine == "mean":
+        return scores.mean(axis=1, dtype=np.float32)
+    if combine == "min":
+        return scores.min(axis=1) if scores.shape[1] else np.full(len(scores), np.nan,
+                                                                    np.float32)
+    raise ConfigError(f"combine {combine!r} is unknown; expected one of {COMBINES}.")
 
 
 def checkpoint_weights(cos: np.ndarray, how: str) -> np.ndarray | None:
@@ -138,6 +148,7 @@ class Engine:
         weighting: how checkpoints count besides their learning rate: "lr" (Eq. 5) or
             "rise" (by how much cos(f(x_b), f(x_r)) rose since the previous selected
             checkpoint, per instance: :func:`checkpoint_weights`; needs 2+ checkpoints).
+        combine: how the instances' scores make the detection score: "mean" or "min".
         batch_size: scoring batch (the negatives); default: the pre-training batch size.
         seed: seeds the sample order and the scoring views.
         reference: score with the slow per-sample autograd reference instead of the ghost
@@ -155,7 +166,7 @@ class Engine:
                  seed: int = 0, chunk_batches: int = 16, workers: int = 0,
                  progress: bool = True, reference: bool = False,
                  layers: Sequence[str] | None = None, precision: str = "float32",
-                 weighting: str = "lr"):
+                 weighting: str = "lr", combine: str = "mean"):
         self.run = run if isinstance(run, Run) else Run(run)
         self.objective = objective_for(self.run)
         supported = getattr(self.objective, "precisions", ("float32",))
@@ -196,6 +207,9 @@ class Engine:
             raise ConfigError("weighting 'rise' compares each checkpoint's cosine with the "
                               "previous one's: select at least 2 checkpoints (e.g. 'all').")
         self.weighting = weighting
+        if combine not in COMBINES:
+            raise ConfigError(f"combine {combine!r} is unknown; expected one of {COMBINES}.")
+        self.combine = combine
 
     def _select(self, which: str | Sequence[int]) -> list[Checkpoint]:
         ckpts = self.run.checkpoints
@@ -239,7 +253,8 @@ class Engine:
                 # only when not the default: earlier traces keep their metadata
                 **({"layers": list(self.objective.layers)} if self.layers_overridden else {}),
                 **({"precision": self.precision} if self.precision != "float32" else {}),
-                **({"weighting": self.weighting} if self.weighting != "lr" else {})}
+                **({"weighting": self.weighting} if self.weighting != "lr" else {}),
+                **({"combine": self.combine} if self.combine != "mean" else {})}
 
     def prepare(self, instances: Sequence[Instance], index: SampleIndex) -> ScoringState:
         """Load every selected checkpoint and take its stacked cosine gradient."""
@@ -320,4 +335,5 @@ class Engine:
                                  checkpoint_weights(state.cos, self.weighting))
         if skipped:
             scores[[i for i, _ in skipped]] = np.nan
-        return ScoreResult(scores, terms, self.checkpoints, state.cos, skipped, self.backend)
+        return ScoreResult(scores, terms, self.checkpoints, state.cos, skipped, self.backend,
+                           self.combine)

@@ -430,11 +430,12 @@ class RankStore:
                 pos.append(self.layout.offset(j) + np.flatnonzero(np.isin(self.chunks[j], ids)))
         return np.unique(np.concatenate(pos)) if pos else np.zeros(0, np.int64)
 
-    def write_scores(self, aggregate: str,
-                     weights: np.ndarray | None = None) -> tuple[Path, Path]:
+    def write_scores(self, aggregate: str, weights: np.ndarray | None = None,
+                     combine: str = "mean") -> tuple[Path, Path]:
         """Aggregate this rank's terms into ``scores-rank{r}.npy`` (n_r, K) and
         ``detection-rank{r}.npy`` (n_r,); samples that could not be decoded score NaN.
-        ``weights``: (T, K) checkpoint multipliers (``scoring.checkpoint_weights``)."""
+        ``weights``: (T, K) checkpoint multipliers (``scoring.checkpoint_weights``);
+        ``combine``: how the instances make the detection score (``scoring.detection_scores``)."""
         missing = self.n_pieces - len(self.log.done)
         if missing:
             raise FFEngineError(f"rank {self.layout.rank} has {missing} unscored pieces left.")
@@ -453,7 +454,7 @@ class RankStore:
         _write_npy(sc_path, (n_r, self.K), score_blocks())
         sc = np.load(sc_path, mmap_mode="r")
         _write_npy(det_path, (n_r,), ((slice(a, min(n_r, a + _BLOCK)),
-                                       detection_scores(sc[a: a + _BLOCK]))
+                                       detection_scores(sc[a: a + _BLOCK], combine))
                                       for a in range(0, n_r, _BLOCK)))
         del sc
         return sc_path, det_path
