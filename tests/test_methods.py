@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 import numpy as np
+import pytest
 
 from ffengine.engine.scoring import detection_scores
 from ffengine.errors import ConfigError
