@@ -707,7 +707,8 @@ def write_markdown(rows: list[dict]) -> None:
              "terms: the same numbers `ffengine trace` gives with the method's options (`--method` "
              "names only the product's methods, `paper`, `last-max16x5`, `last-x5` and the "
              "default; the others are harness names for `--checkpoints`, `--draws`, "
-             "`--aggregate`, `--combine`, `--k` and `--weighting`, and the `optref`, `fc2` and `ckpt15` "
+             "`--aggregate`, `--combine`, `--k` and `--weighting`, and the `optref`, `fc2` and "
+             "`ckpt15` "
              "variants need their own instances (`instance --reference optimized`), layers "
              "(`--layers`) or run).", "",
              f"ffengine's default method: `{DEFAULT_METHOD}`. Over the {s['n_configs']} "
