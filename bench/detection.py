@@ -676,6 +676,17 @@ WHY_NOT_REACHED = [
     "neighbours are poisons (they share the trigger), so the poisons cancel too: AUC against "
     "clean trucks 0.757 → at most 0.794 on seed 1 and 0.947 → at most 0.940 on seed 2, DACC at "
     "k = 6 never above the default's.",
+    "* the instances' minimum instead of their mean (`--combine min`, method "
+    "`last-max16min5-k6`; picked on 2026-12-02 after looking at the combined-pattern and "
+    "random-location runs, the only ones with cached terms, and fixed before the next two "
+    "runs were traced): on those two, DACC at k = 6 0.953 and 0.965 against the default's "
+    "0.933 and 0.949, but by trading FPR (0.040, 0.024 against 0.067, 0.054) for FNR (0.116, "
+    "0.144 against 0.064, 0.016), while the ranking got slightly worse (AUC 0.982 and 0.987 "
+    "against 0.985 and 0.993; best-threshold DACC 0.961 and 0.966 against 0.965 and 0.975). "
+    "Its out-of-sample test failed to happen: neither run traced after it (target class 3, "
+    "6-pixel trigger) took, and on both the minimum ranks the poisons worse than the mean "
+    "(AUC 0.707 and 0.805 against 0.795 and 0.902). Not kept; measured on the runs where the "
+    "attack takes as they come.",
     "", "**CLIP.** On Carlini-Terzis 5% the clean truck/\"truck\" pairs outscore the poisons "
     "(final checkpoint, 5 instances: AUC of poisons against clean target-class pairs 0.06), "
     "so every sample-level method misses nearly all poisons at a usable FPR (FNR at 1% FPR "
