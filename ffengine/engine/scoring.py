@@ -82,8 +82,7 @@ def detection_scores(scores: np.ndarray, combine: str = "mean") -> np.ndarray:
     if combine == "mean":
         return scores.mean(axis=1, dtype=np.float32)
     if combine == "min":
-        return scores.min(axis=1) if scores.shape[1] else np.full(len(scores), np.nan,
-                                                                    np.float32)
+        return scores.min(axis=1)
     raise ConfigError(f"combine {combine!r} is unknown; expected one of {COMBINES}.")
 
 
