@@ -22,6 +22,7 @@ from .methods import (
     default_method_for,
     get_method,
 )
+from .options import AGGREGATES, BACKENDS, CHECKPOINT_WEIGHTS, COMBINES, PRECISIONS
 
 
 def _add_attack_args(p: argparse.ArgumentParser) -> None:
@@ -380,12 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--k", type=float, default=None, help="MAD multiplier (paper: 3)")
     q.add_argument("--checkpoints", default=None, help="all, last, or epochs like 15,75")
     q.add_argument("--draws", type=int, default=None, help="augmentation draws per sample")
-    q.add_argument("--aggregate", default=None, choices=["mean", "max", "median"],
+    q.add_argument("--aggregate", default=None, choices=AGGREGATES,
                    help="how draws combine")
-    q.add_argument("--weighting", default=None, choices=["lr", "rise"],
+    q.add_argument("--weighting", default=None, choices=CHECKPOINT_WEIGHTS,
                    help="how checkpoints count: lr (Eq. 5) or rise (also by how much "
                         "cos(f(x_b), f(x_r)) rose since the previous checkpoint)")
-    q.add_argument("--combine", default=None, choices=["mean", "min"],
+    q.add_argument("--combine", default=None, choices=COMBINES,
                    help="how several instances' scores make one: mean, or min (a sample must "
                         "raise every instance's cosine)")
     q.add_argument("--batch-size", type=int, default=None,
@@ -398,12 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record the samples of a shard that cannot be read as skipped "
                         "(a shard lost for good) instead of stopping so that a resume "
                         "retries it")
-    q.add_argument("--backend", default="auto",
-                   choices=["auto", "torch", "cpu", "triton", "cuda"],
+    q.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="ghost-score backend: auto (the first of a preference list that "
                         "passes a self-check), torch, cpu (compiled C++), triton (CUDA); "
                         "cuda is reserved and not built yet")
-    q.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+    q.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="bfloat16: the backbone under bf16 autocast (GPU, AMX CPUs)")
     q.add_argument("--layers", default=None,
                    help="scored layers, comma-separated module paths (default: the run's, "

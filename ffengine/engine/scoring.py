@@ -34,13 +34,10 @@ from ..data.loader import DecodedBatch, iter_chunks
 from ..data.packed import PackedImages
 from ..errors import ConfigError, DataError
 from ..ops.ghost_score import resolve_backend
+from ..options import AGGREGATES, CHECKPOINT_WEIGHTS, COMBINES, check_choice
 from ..run import Checkpoint, Run
 from .instance import Instance
 from .objective import objective_for
-
-AGGREGATES = ("mean", "max", "median")
-COMBINES = ("mean", "min")  # how the K instances' scores make one detection score
-CHECKPOINT_WEIGHTS = ("lr", "rise")
 
 
 @dataclass
@@ -79,11 +76,9 @@ def detection_scores(scores: np.ndarray, combine: str = "mean") -> np.ndarray:
     ``combine="min"`` the minimum (a sample must raise the cosine of every instance); NaN
     stays NaN."""
     scores = np.asarray(scores, dtype=np.float32)
-    if combine == "mean":
-        return scores.mean(axis=1, dtype=np.float32)
-    if combine == "min":
+    if check_choice("combine", combine, COMBINES) == "min":
         return scores.min(axis=1)
-    raise ConfigError(f"combine {combine!r} is unknown; expected one of {COMBINES}.")
+    return scores.mean(axis=1, dtype=np.float32)
 
 
 def checkpoint_weights(cos: np.ndarray, how: str) -> np.ndarray | None:
@@ -96,11 +91,8 @@ def checkpoint_weights(cos: np.ndarray, how: str) -> np.ndarray | None:
     while it was unlearned, count for nothing. The first selected checkpoint gets 0: runs do
     not save the initial model, so the rise into it is unknown.
     """
-    if how == "lr":
+    if check_choice("weighting", how, CHECKPOINT_WEIGHTS) == "lr":
         return None
-    if how != "rise":
-        raise ConfigError(f"checkpoint weighting {how!r} is unknown; expected one of "
-                          f"{CHECKPOINT_WEIGHTS}.")
     cos = np.asarray(cos, dtype=np.float64)
     w = np.zeros_like(cos)
     w[1:] = np.maximum(0.0, np.diff(cos, axis=0))
@@ -116,6 +108,7 @@ def aggregate_draws(terms: np.ndarray, how: str,
                     weights: np.ndarray | None = None) -> np.ndarray:
     """(T, D, n, K) terms -> (n, K) scores: sum over checkpoints (each checkpoint and
     instance times ``weights`` (T, K) when given), then ``how`` over draws."""
+    check_choice("aggregate", how, AGGREGATES)
     if weights is None:
         per_draw = terms.sum(axis=0, dtype=np.float64)  # (D, n, K)
     else:
@@ -127,10 +120,8 @@ def aggregate_draws(terms: np.ndarray, how: str,
         out = per_draw.mean(axis=0)
     elif how == "max":
         out = per_draw.max(axis=0)
-    elif how == "median":
+    else:  # median
         out = np.median(per_draw, axis=0)
-    else:
-        raise ConfigError(f"aggregate {how!r} is unknown; expected one of {AGGREGATES}.")
     return out.astype(np.float32)
 
 
@@ -187,8 +178,7 @@ class Engine:
         self.backend = resolve_backend(backend, device=self.device)
         if draws < 1:
             raise ConfigError(f"draws must be at least 1, got {draws}.")
-        if aggregate not in AGGREGATES:
-            raise ConfigError(f"aggregate {aggregate!r} is unknown; expected {AGGREGATES}.")
+        check_choice("aggregate", aggregate, AGGREGATES)
         self.draws, self.aggregate, self.seed = draws, aggregate, seed
         # an imported foreign checkpoint records no pre-training batch size: 256 then
         self.batch_size = batch_size or int(
@@ -199,16 +189,12 @@ class Engine:
         self.chunk_batches, self.workers, self.progress = chunk_batches, workers, progress
         self.reference = reference
         self.checkpoints = self._select(checkpoints)
-        if weighting not in CHECKPOINT_WEIGHTS:
-            raise ConfigError(f"weighting {weighting!r} is unknown; expected one of "
-                              f"{CHECKPOINT_WEIGHTS}.")
+        check_choice("weighting", weighting, CHECKPOINT_WEIGHTS)
         if weighting == "rise" and len(self.checkpoints) < 2:
             raise ConfigError("weighting 'rise' compares each checkpoint's cosine with the "
                               "previous one's: select at least 2 checkpoints (e.g. 'all').")
         self.weighting = weighting
-        if combine not in COMBINES:
-            raise ConfigError(f"combine {combine!r} is unknown; expected one of {COMBINES}.")
-        self.combine = combine
+        self.combine = check_choice("combine", combine, COMBINES)
 
     def _select(self, which: str | Sequence[int]) -> list[Checkpoint]:
         ckpts = self.run.checkpoints

@@ -12,6 +12,7 @@ import torch
 from ..data.augment import augment_batch, stream_id
 from ..data.packed import Images
 from ..models import SimCLRModel
+from ..options import PRECISIONS
 from ..reference.scoring import score_batch_reference
 from ..run import Checkpoint, Run
 from .cosine import cosine_gradients
@@ -34,7 +35,7 @@ class SimclrObjective:
     needs_captions = False
 
     # the backbone may run under bf16 autocast (the head's maths stays float32)
-    precisions = ("float32", "bfloat16")
+    precisions = PRECISIONS
 
     def __init__(self, run: Run):
         self.run = run

@@ -34,9 +34,9 @@ import torch
 
 from ffengine import _ext
 from ffengine.errors import BackendUnavailableError
+from ffengine.options import BACKENDS
 
 ENV_VAR = "FFENGINE_BACKEND"
-BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 _NOT_IMPLEMENTED = ("cuda",)
 _CPU_DTYPES = (torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
