@@ -56,3 +56,22 @@ def ext():
     if module is None:
         pytest.skip(f"compiled extension not built: {_ext.unavailable_reason()}")
     return module
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for a module's tests: the tiny model gains nothing from threads,
+    and spinning threads on a busy machine cost a lot (``pytestmark = usefixtures``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trace_setup(tmp_path_factory, one_thread) -> dict:
+    """The tiny real trace setup of ``trace_fixture`` (data, run, instance), built once per
+    module on one thread."""
+    from .trace_fixture import shared_setup
+
+    return shared_setup(tmp_path_factory)

@@ -25,23 +25,12 @@ from .trace_fixture import (
     assert_same_results,
     env,
     shared_reference,
-    shared_setup,
     trace_args,
     with_cos,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, one_thread):
-    return shared_setup(tmp_path_factory)
+# torch on one thread for every test here; the subprocesses get one thread through env()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
@@ -52,10 +41,10 @@ def _torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
 
 
-def test_two_gloo_processes_equal_one_process(setup, tmp_path_factory, tmp_path):
-    ref = shared_reference(tmp_path_factory, setup)
+def test_two_gloo_processes_equal_one_process(trace_setup, tmp_path_factory, tmp_path):
+    ref = shared_reference(tmp_path_factory, trace_setup)
     out = tmp_path / "two"
-    r = _torchrun(2, trace_args(setup, out))
+    r = _torchrun(2, trace_args(trace_setup, out))
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [x for x in r.stdout.strip().splitlines() if x.startswith("{")]
     assert len(lines) == 1  # rank 0 alone reports
@@ -72,12 +61,12 @@ def test_two_gloo_processes_equal_one_process(setup, tmp_path_factory, tmp_path)
     assert not (out / "partial").exists()
 
     # other options: every rank stops before any work, naming both values
-    r = _torchrun(2, trace_args(setup, out, "--k", "2"))
+    r = _torchrun(2, trace_args(trace_setup, out, "--k", "2"))
     assert r.returncode != 0
     assert "options.k = 3.0" in r.stderr and "options.k = 2.0" in r.stderr
     assert "rank 0: " in r.stderr  # rank 1 reports rank 0's finding
     # the chunks belong to other ranks with another process count
-    r = subprocess.run([sys.executable, "-m", "ffengine", *trace_args(setup, out)], env=env(),
+    r = subprocess.run([sys.executable, "-m", "ffengine", *trace_args(trace_setup, out)], env=env(),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1
     assert "options.world_size = 2" in r.stderr and "same number of processes" in r.stderr
@@ -145,16 +134,16 @@ class _ThreadDist(Dist):
         return self.hub.exchange(self.rank, obj, list)
 
 
-def _threaded_trace(setup, out, world: int, cos: np.ndarray | None = None, **kw) -> list:
+def _threaded_trace(trace_setup, out, world: int, cos: np.ndarray | None = None, **kw) -> list:
     hub, results = _Hub(world), [None] * world
 
     def rank(r: int) -> None:
         try:
-            engine = Engine(setup["run"], progress=False, **kw)
+            engine = Engine(trace_setup["run"], progress=False, **kw)
             if cos is not None:
                 engine = with_cos(engine, cos)
-            results[r] = trace(engine, SampleIndex(setup["root"] / "index"),
-                               [setup["instance"]], out, dist=_ThreadDist(r, world, hub=hub))
+            results[r] = trace(engine, SampleIndex(trace_setup["root"] / "index"),
+                               [trace_setup["instance"]], out, dist=_ThreadDist(r, world, hub=hub))
         except Exception as e:  # handed to the test thread
             results[r] = e
 
@@ -167,11 +156,11 @@ def _threaded_trace(setup, out, world: int, cos: np.ndarray | None = None, **kw)
 
 
 @pytest.mark.parametrize("world,batch", [(3, 8), (3, 64)])  # (3, 64): rank 2 has no chunk
-def test_ranks_in_threads_equal_one_rank(setup, tmp_path, world, batch):
+def test_ranks_in_threads_equal_one_rank(trace_setup, tmp_path, world, batch):
     kw = dict(batch_size=batch, chunk_batches=1, draws=1)
-    single = trace(Engine(setup["run"], progress=False, **kw), setup["index"],
-                   [setup["instance"]], tmp_path / "one")
-    results = _threaded_trace(setup, tmp_path / "many", world, **kw)
+    single = trace(Engine(trace_setup["run"], progress=False, **kw), trace_setup["index"],
+                   [trace_setup["instance"]], tmp_path / "one")
+    results = _threaded_trace(trace_setup, tmp_path / "many", world, **kw)
     assert all(r is None for r in results[1:]), results
     summary = results[0]
     assert isinstance(summary, dict), summary
@@ -180,12 +169,12 @@ def test_ranks_in_threads_equal_one_rank(setup, tmp_path, world, batch):
     assert_same_results(tmp_path / "many", tmp_path / "one")
 
     # every rank refuses other options before any work, with rank 0's message
-    results = _threaded_trace(setup, tmp_path / "many", world, **{**kw, "seed": 9})
+    results = _threaded_trace(trace_setup, tmp_path / "many", world, **{**kw, "seed": 9})
     assert all(isinstance(r, ManifestMismatchError) for r in results), results
     assert all("options.seed = 0" in str(r) for r in results)
 
 
-def test_rise_weighting_reaches_every_rank(setup, tmp_path, monkeypatch):
+def test_rise_weighting_reaches_every_rank(trace_setup, tmp_path, monkeypatch):
     """weighting="rise" needs cos on every rank to aggregate its shard, including a rank
     whose pieces were all scored before a resume (it loads no checkpoint, so it has no cos
     of its own): rank 0 broadcasts it."""
@@ -200,10 +189,10 @@ def test_rise_weighting_reaches_every_rank(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(trace_module, "_score_pieces", as_if_resumed)
     kw = dict(batch_size=8, chunk_batches=1, draws=1, weighting="rise")
     cos = np.array([[0.2], [0.7]], dtype=np.float32)  # a rise of 0.5 into the last checkpoint
-    single = trace(with_cos(Engine(setup["run"], progress=False, **kw), cos),
-                   setup["index"], [setup["instance"]], tmp_path / "one")
+    single = trace(with_cos(Engine(trace_setup["run"], progress=False, **kw), cos),
+                   trace_setup["index"], [trace_setup["instance"]], tmp_path / "one")
     np.testing.assert_allclose(single["checkpoint_weights"], [[0.0], [0.5]], rtol=1e-6)
-    results = _threaded_trace(setup, tmp_path / "many", 3, cos=cos, **kw)
+    results = _threaded_trace(trace_setup, tmp_path / "many", 3, cos=cos, **kw)
     assert all(r is None for r in results[1:]), results
     assert results[0]["checkpoint_weights"] == single["checkpoint_weights"]
     assert_same_results(tmp_path / "many", tmp_path / "one")

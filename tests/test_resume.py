@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from ffengine.engine.instance import Instance
 from ffengine.engine.scoring import Engine
@@ -36,24 +35,11 @@ from .trace_fixture import (
     env,
     run_cli,
     shared_reference,
-    shared_setup,
     trace_args,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from threads, and spinning threads on a busy machine cost
-    a lot; the subprocesses run with one thread too."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, one_thread):
-    return shared_setup(tmp_path_factory)
+# torch on one thread for every test here; the subprocesses get one thread through env()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _summary_without_provenance(s: dict) -> dict:
@@ -75,15 +61,15 @@ def _n_done(log: Path) -> int:
 # a real process, killed with SIGKILL
 # ---------------------------------------------------------------------------------------
 def test_sigkill_then_resume_is_bit_identical_and_scores_no_piece_twice(
-        setup, tmp_path_factory, tmp_path):
-    ref = shared_reference(tmp_path_factory, setup)
+        trace_setup, tmp_path_factory, tmp_path):
+    ref = shared_reference(tmp_path_factory, trace_setup)
     ref_summary = json.loads((ref / "summary.json").read_text())
     total = ref_summary["pieces"]["total"]
     assert total == 2 * 31  # checkpoints x chunks of 4: many pieces to be killed among
 
     out = tmp_path / "killed"
     log = out / PARTIAL_DIR / "done-rank0.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "ffengine", *trace_args(setup, out)],
+    proc = subprocess.Popen([sys.executable, "-m", "ffengine", *trace_args(trace_setup, out)],
                             env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while _n_done(log) < 3:
@@ -107,7 +93,7 @@ def test_sigkill_then_resume_is_bit_identical_and_scores_no_piece_twice(
 
     # Other options: refused before any work, naming the key, both values and the path.
     before = {p.name: p.read_bytes() for p in (out / PARTIAL_DIR).iterdir()}
-    r = run_cli(trace_args(setup, out, "--seed", "1"))
+    r = run_cli(trace_args(trace_setup, out, "--seed", "1"))
     assert r.returncode == 1
     err = r.stderr.strip().splitlines()
     assert len(err) == 1
@@ -116,7 +102,7 @@ def test_sigkill_then_resume_is_bit_identical_and_scores_no_piece_twice(
     assert {p.name: p.read_bytes() for p in (out / PARTIAL_DIR).iterdir()} == before
 
     # The same arguments: only the missing pieces are scored.
-    r = run_cli(trace_args(setup, out))
+    r = run_cli(trace_args(trace_setup, out))
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["pieces"] == {"total": total, "done_before": len(first),
@@ -129,7 +115,7 @@ def test_sigkill_then_resume_is_bit_identical_and_scores_no_piece_twice(
     assert leftovers == []
 
     # Started again on the finished directory: nothing to do, the same summary.
-    r = run_cli(trace_args(setup, out))
+    r = run_cli(trace_args(trace_setup, out))
     assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1]) == summary
 
 
@@ -139,24 +125,25 @@ def test_sigkill_then_resume_is_bit_identical_and_scores_no_piece_twice(
 KW = dict(batch_size=8, chunk_batches=1, draws=1, progress=False)
 
 
-def _trace(setup, out, **kw):
-    engine = Engine(setup["run"], **{**KW, **kw})
-    return trace(engine, setup["index"], [setup["instance"]], out, instance_paths=["inst"])
+def _trace(trace_setup, out, **kw):
+    engine = Engine(trace_setup["run"], **{**KW, **kw})
+    return trace(engine, trace_setup["index"], [trace_setup["instance"]], out,
+                 instance_paths=["inst"])
 
 
 @pytest.fixture(scope="module")
-def straight(setup, tmp_path_factory):
+def straight(trace_setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
-    return out, _trace(setup, out)
+    return out, _trace(trace_setup, out)
 
 
 class Crash(Exception):
     """Stands for the process dying at this point."""
 
 
-def test_engine_score_and_trace_share_the_piece_scorer(setup, straight):
+def test_engine_score_and_trace_share_the_piece_scorer(trace_setup, straight):
     out, _ = straight
-    res = Engine(setup["run"], **KW).score(setup["index"], [setup["instance"]])
+    res = Engine(trace_setup["run"], **KW).score(trace_setup["index"], [trace_setup["instance"]])
     assert np.array_equal(np.load(out / "terms.npy"), res.terms)
     assert np.array_equal(np.load(out / "scores.npy"), res.scores, equal_nan=True)
     det = np.load(out / "detection_scores.npy")
@@ -166,16 +153,17 @@ def test_engine_score_and_trace_share_the_piece_scorer(setup, straight):
     assert not np.isin(np.load(out / "flagged.npy"), bad).any()
     # the undecodable sample leaves its domain's total (it could not be flagged)
     rows = json.loads((out / "domains.json").read_text())
-    dom = setup["index"].domains
+    dom = trace_setup["index"].domains
     for r in rows:
-        d = setup["index"].domain_names.index(r["domain"])
+        d = trace_setup["index"].domain_names.index(r["domain"])
         n_bad = int(np.isin(np.flatnonzero(dom == d), bad).sum())
         assert (r["total"], r["skipped"]) == (int((dom == d).sum()) - n_bad, n_bad)
     assert sum(r["skipped"] for r in rows) == 1
 
 
 @pytest.mark.parametrize("crash_after", [1, 17])
-def test_crash_between_pieces_then_resume(setup, straight, tmp_path, monkeypatch, crash_after):
+def test_crash_between_pieces_then_resume(trace_setup, straight, tmp_path, monkeypatch,
+                                          crash_after):
     out = tmp_path / "t"
     real = RankStore.write_piece
     calls = []
@@ -188,16 +176,16 @@ def test_crash_between_pieces_then_resume(setup, straight, tmp_path, monkeypatch
 
     monkeypatch.setattr(RankStore, "write_piece", dying)
     with pytest.raises(Crash):
-        _trace(setup, out)
+        _trace(trace_setup, out)
     monkeypatch.setattr(RankStore, "write_piece", real)
-    summary = _trace(setup, out)
+    summary = _trace(trace_setup, out)
     total = straight[1]["pieces"]["total"]
     assert summary["pieces"] == {"total": total, "done_before": crash_after,
                                  "scored": total - crash_after}
     assert_same_results(out, straight[0])
 
 
-def test_crash_after_terms_before_record_rescores_that_piece(setup, straight, tmp_path,
+def test_crash_after_terms_before_record_rescores_that_piece(trace_setup, straight, tmp_path,
                                                              monkeypatch):
     out = tmp_path / "t"
     real = DoneLog.record
@@ -212,15 +200,15 @@ def test_crash_after_terms_before_record_rescores_that_piece(setup, straight, tm
 
     monkeypatch.setattr(DoneLog, "record", dying)
     with pytest.raises(Crash):
-        _trace(setup, out)
+        _trace(trace_setup, out)
     monkeypatch.setattr(DoneLog, "record", real)
     assert not (out / PARTIAL_DIR / "done-rank0.jsonl").read_bytes().endswith(b"\n")
-    summary = _trace(setup, out)
+    summary = _trace(trace_setup, out)
     assert summary["pieces"]["done_before"] == 5
     assert_same_results(out, straight[0])
 
 
-def test_crash_while_writing_the_report_then_resume(setup, straight, tmp_path, monkeypatch):
+def test_crash_while_writing_the_report_then_resume(trace_setup, straight, tmp_path, monkeypatch):
     out = tmp_path / "t"
 
     def dying(*a, **k):
@@ -228,70 +216,70 @@ def test_crash_while_writing_the_report_then_resume(setup, straight, tmp_path, m
 
     monkeypatch.setattr("ffengine.trace.plot_score_distribution", dying)
     with pytest.raises(Crash):
-        _trace(setup, out)
+        _trace(trace_setup, out)
     assert (out / "terms.npy").exists() and not (out / "summary.json").exists()
     monkeypatch.undo()
     monkeypatch.setattr(Engine, "score_piece", lambda *a, **k: pytest.fail("rescored"))
-    summary = _trace(setup, out)
+    summary = _trace(trace_setup, out)
     assert summary["pieces"]["scored"] == 0
     assert_same_results(out, straight[0])
     assert not (out / PARTIAL_DIR).exists()
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_finished_directory_returns_its_summary_without_work(setup, straight, monkeypatch):
+def test_finished_directory_returns_its_summary_without_work(trace_setup, straight, monkeypatch):
     out, summary = straight
     monkeypatch.setattr(Engine, "prepare", lambda *a, **k: pytest.fail("worked again"))
-    assert _trace(setup, out) == summary
+    assert _trace(trace_setup, out) == summary
 
 
 # ---------------------------------------------------------------------------------------
 # refusing other inputs
 # ---------------------------------------------------------------------------------------
-def test_mismatches_are_refused_before_any_work(setup, straight, tmp_path, monkeypatch):
+def test_mismatches_are_refused_before_any_work(trace_setup, straight, tmp_path, monkeypatch):
     out, _ = straight
     monkeypatch.setattr(Engine, "prepare", lambda *a, **k: pytest.fail("work started"))
     meta = out / "metadata.json"
     before = meta.read_bytes()
-    engine = Engine(setup["run"], **KW)
+    engine = Engine(trace_setup["run"], **KW)
     cases = [
         (dict(k=2.0), "options.k = 3.0.*options.k = 2.0"),
         (dict(kw=dict(aggregate="max")), "options.aggregate = 'mean'.*'max'"),
         (dict(kw=dict(draws=2)), "options.draws = 1.*options.draws = 2"),
         (dict(kw=dict(chunk_batches=2)), "options.chunk_batches = 1.*= 2"),
         (dict(kw=dict(checkpoints="last")), r"options.checkpoints = \[1, 2\].*= \[2\]"),
-        (dict(inst=Instance(setup["instance"].x_r, setup["instance"].x_b)),
+        (dict(inst=Instance(trace_setup["instance"].x_r, trace_setup["instance"].x_b)),
          r"instances\[0\].sha256"),
     ]
     for case, pattern in cases:
-        e = Engine(setup["run"], **{**KW, **case.get("kw", {})})
-        inst = case.get("inst", setup["instance"])
+        e = Engine(trace_setup["run"], **{**KW, **case.get("kw", {})})
+        inst = case.get("inst", trace_setup["instance"])
         with pytest.raises(ManifestMismatchError, match=pattern) as info:
-            trace(e, setup["index"], [inst], out, k=case.get("k", 3.0))
+            trace(e, trace_setup["index"], [inst], out, k=case.get("k", 3.0))
         assert str(meta) in str(info.value)
     assert meta.read_bytes() == before
 
     # a checkpoint whose weights changed, in a copy of the run
     run2 = tmp_path / "run"
-    shutil.copytree(setup["run"].path, run2)
+    shutil.copytree(trace_setup["run"].path, run2)
     w = run2 / "ckpt-0002.safetensors"
     data = bytearray(w.read_bytes())
     data[-1] ^= 1
     w.write_bytes(bytes(data))
     with pytest.raises(ManifestMismatchError, match=r"checkpoints\[1\].sha256 = '[0-9a-f]{64}'"):
-        trace(Engine(run2, **KW), setup["index"], [setup["instance"]], out)
+        trace(Engine(run2, **KW), trace_setup["index"], [trace_setup["instance"]], out)
     # an index other than the run's (checked against the run manifest, before anything)
-    other = shutil.copytree(setup["root"] / "index", tmp_path / "index")
+    other = shutil.copytree(trace_setup["root"] / "index", tmp_path / "index")
     m = json.loads((other / "metadata.json").read_text())
     m["hash"] = "0" * 64
     (other / "metadata.json").write_text(json.dumps(m))
     from ffengine.data.index import SampleIndex
 
     with pytest.raises(ManifestMismatchError, match="hash"):
-        trace(engine, SampleIndex(other), [setup["instance"]], out)
+        trace(engine, SampleIndex(other), [trace_setup["instance"]], out)
 
 
-def test_moving_inputs_is_not_a_mismatch(setup, straight):
+def test_moving_inputs_is_not_a_mismatch(trace_setup, straight):
     meta = json.loads((straight[0] / "metadata.json").read_text())
     moved = json.loads(json.dumps(meta))
     moved["run"]["path"] = "/elsewhere/run"
@@ -306,12 +294,12 @@ def test_moving_inputs_is_not_a_mismatch(setup, straight):
         check_metadata(Path("m.json"), {"options": {}}, meta)
 
 
-def test_foreign_partial_directory_is_not_touched(setup, tmp_path):
+def test_foreign_partial_directory_is_not_touched(trace_setup, tmp_path):
     out = tmp_path / "t"
     (out / PARTIAL_DIR).mkdir(parents=True)
     (out / PARTIAL_DIR / "mine.txt").write_text("user data")
     with pytest.raises(DataError, match="not the work of an ffengine trace"):
-        _trace(setup, out)
+        _trace(trace_setup, out)
     assert (out / PARTIAL_DIR / "mine.txt").read_text() == "user data"
 
 
@@ -367,9 +355,9 @@ def test_chunk_layout_partitions_the_order(n, chunk, world):
     assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(n))
 
 
-def test_result_arrays_are_the_documented_shapes(setup, straight):
+def test_result_arrays_are_the_documented_shapes(trace_setup, straight):
     out, summary = straight
-    n = setup["n"]
+    n = trace_setup["n"]
     shapes = {name: np.load(out / name, mmap_mode="r").shape for name in RESULT_ARRAYS}
     assert shapes["terms.npy"] == (2, 1, n, 1) and shapes["scores.npy"] == (n, 1)
     assert shapes["detection_scores.npy"] == (n,)
