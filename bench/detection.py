@@ -207,7 +207,9 @@ GRIDS = {
     "clip-more": [replace(_clip, poison_rate=r) for r in (0.01, 0.02)]
     + [replace(_clip, seed=2), replace(_clip, attack="corruptencoder", poison_rate=0.15, seed=2),
        replace(_clip, target_class=0), replace(_clip, poison_rate=0.005)],
-    "seeds": [replace(_base, seed=s) for s in (0, 1, 2)]
+    # seeds 3 and 4 (added 2026-12-02): more runs of the one configuration that takes, to
+    # test method candidates out of sample (docs/PREREGISTRATION.md)
+    "seeds": [replace(_base, seed=s) for s in (0, 1, 2, 3, 4)]
     + [replace(_base, target_class=c) for c in (0, 3)],
 }
 

@@ -91,13 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         layers = list(grads)
         for sel in batches:
             t0 = time.perf_counter()
-            s = obj.score_batch(model, index, batch.images[sel], batch.sizes[sel],
+            s = obj.score_batch(model, index, batch.packed.select(sel), batch.sizes[sel],
                                 batch.ids[sel], grads, seed=engine.seed, epoch=ckpt.epoch,
                                 draw=0, backend="torch", reference=False)
             t_ours += time.perf_counter() - t0
             ours[sel] += ckpt.lr * s[:, 0].double().numpy()
             # the engine's views of this batch, as one data item per sample
-            views = torch.cat([augment_batch(batch.images[sel], batch.sizes[sel],
+            views = torch.cat([augment_batch(batch.packed.select(sel), batch.sizes[sel],
                                              batch.ids[sel], engine.seed,
                                              stream_id(SCORE_STREAM, ckpt.epoch, 0, v),
                                              obj.augment) for v in (0, 1)])

@@ -50,7 +50,7 @@ def view_agreement(run: Run, index: SampleIndex, draws: int) -> np.ndarray:
     with torch.no_grad():
         for batch in iter_chunks(index, engine.chunks(len(index))):
             for d in range(draws):
-                h = obj.view_features(model, batch.images, batch.sizes, batch.ids, engine.seed,
+                h = obj.view_features(model, batch.packed, batch.sizes, batch.ids, engine.seed,
                                       ckpt.epoch, d)
                 z = F.normalize(model.head(h), dim=1)
                 out[d, batch.ids] = (z[: len(batch)] * z[len(batch):]).sum(1).numpy()
