@@ -698,9 +698,8 @@ WHY_NOT_REACHED = [
     "misses as many poisons or fewer (FNR 0.116, 0.272, 0.080 against the minimum's 0.116, "
     "0.352, 0.144 on the combined, logo and random-location runs; "
     "`bench/experiments/min_vs_mean_k.py`). Not kept: it cannot be picked until it is "
-    "measured on the "
-    "runs traced before it existed (seeds 0–2, 10-pixel trigger; no cached terms), and it "
-    "misses a third of the poisons on the logo run.",
+    "measured on the runs traced before it existed (seeds 0–2, 10-pixel trigger; no cached "
+    "terms), and it misses a third of the poisons on the logo run.",
     "", "**CLIP.** On Carlini-Terzis 5% the clean truck/\"truck\" pairs outscore the poisons "
     "(final checkpoint, 5 instances: AUC of poisons against clean target-class pairs 0.06), "
     "so every sample-level method misses nearly all poisons at a usable FPR (FNR at 1% FPR "
