@@ -204,3 +204,41 @@ def test_min_method_takes_the_instances_minimum_of_the_draws_maximum():
     np.testing.assert_allclose(detection.method_scores(terms, m), want, rtol=1e-6)
     mean = detection.method_scores(terms, detection.METHODS["last-max16x5-k6"])
     np.testing.assert_allclose(mean, terms[0].max(0).mean(1), rtol=1e-5)
+
+
+def test_matched_fpr_moves_the_baseline_threshold_to_the_candidates_fpr():
+    rng = np.random.default_rng(7)
+    n = 2000
+    poisoned = np.zeros(n, bool)
+    poisoned[rng.choice(n, 150, replace=False)] = True
+    cand = rng.standard_t(3, n) + 4.0 * poisoned
+    base = rng.standard_t(3, n) + 3.0 * poisoned
+    got = detection.matched_fpr(cand, base, poisoned, k=6.0)
+    # the candidate's own MAD rule, written out
+    med = np.median(cand)
+    flagged = cand > med + 6.0 * np.median(np.abs(cand - med))
+    assert got["fpr"] == pytest.approx(flagged[~poisoned].mean())
+    assert got["fnr"] == pytest.approx(1 - flagged[poisoned].mean())
+    # the baseline at the threshold its k gives: the same clean fraction above it
+    bmed = np.median(base)
+    thr = bmed + got["k_baseline"] * np.median(np.abs(base - bmed))
+    assert abs((base[~poisoned] > thr).mean() - got["fpr"]) <= 1.5 / (~poisoned).sum()
+    assert got["fnr_baseline"] == pytest.approx((base[poisoned] <= thr).mean())
+
+
+def test_preregistered_table_tests_only_runs_out_of_sample_where_the_attack_took():
+    cand = next(iter(detection.PREREGISTERED))
+    picked = detection.PREREGISTERED[cand][0]
+    default = detection.DEFAULT_METHOD
+    rows = [_row(picked, cand, 0.96), _row(picked, default, 0.93),
+            _row("held", cand, 0.95), _row("held", default, 0.94),
+            _row("failed", cand, 0.90), _row("failed", default, 0.94),
+            _row("untaken", cand, 0.99, took=False), _row("untaken", default, 0.90, took=False),
+            _row("no-default", cand, 0.99)]
+    lines = detection.preregistered_lines(rows)
+    verdict = {line.split(" | ")[1]: line.split(" | ")[-1].rstrip(" |")
+               for line in lines if line.startswith(f"| `{cand}`")}
+    assert verdict == {picked: "in sample", "held": "holds", "failed": "fails",
+                       "untaken": "no test (attack did not take)"}
+    assert lines[-1].endswith("the prediction held on 1 of 2 runs; its AUC beat the "
+                              "default's on 1 of 2.")

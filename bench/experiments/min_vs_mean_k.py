@@ -17,29 +17,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from detection import SCORES_DIR, load_results, load_scores  # noqa: E402
-
-from ffengine.detect.mad import flag  # noqa: E402
+from detection import METHODS, SCORES_DIR, load_results, load_scores, matched_fpr  # noqa: E402
 
 MEAN, MIN = "last-max16x5-k6", "last-max16min5-k6"
-
-
-def compare(scores: dict[str, np.ndarray], poisoned: np.ndarray, k: float = 6.0) -> dict:
-    """The minimum's (FPR, FNR) under MAD with ``k``, and the mean's FNR and k at that FPR."""
-    mn, mean = scores[MIN], scores[MEAN]
-    flagged = np.zeros(len(mn), bool)
-    flagged[flag(mn, k)] = True
-    fpr = float(flagged[~poisoned].mean())
-    fnr_min = float(1 - flagged[poisoned].mean())
-    # the mean's threshold with the same fraction of clean inputs above it
-    thr = float(np.quantile(mean[~poisoned], 1 - fpr))
-    med = float(np.median(mean))
-    mad = float(np.median(np.abs(mean - med)))
-    return {"fpr": fpr, "fnr_min": fnr_min, "fnr_mean": float((mean[poisoned] <= thr).mean()),
-            "k_mean": (thr - med) / mad}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,9 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         saved = load_scores(c)
         if not {MEAN, MIN} <= set(saved["scores"]):
             continue
-        r = compare(saved["scores"], saved["poisoned"].astype(bool))
-        print(f"{c}: {MIN} FPR {r['fpr']:.4f} FNR {r['fnr_min']:.3f}; at that FPR the mean "
-              f"has FNR {r['fnr_mean']:.3f} (MAD k = {r['k_mean']:.1f})")
+        r = matched_fpr(saved["scores"][MIN], saved["scores"][MEAN],
+                        saved["poisoned"].astype(bool), METHODS[MIN].k)
+        print(f"{c}: {MIN} FPR {r['fpr']:.4f} FNR {r['fnr']:.3f}; at that FPR the mean "
+              f"has FNR {r['fnr_baseline']:.3f} (MAD k = {r['k_baseline']:.1f})")
     return 0
 
 
