@@ -65,8 +65,9 @@ METHODS: dict[str, Method] = {
 # took, docs/RESULTS.md) on 3 PE-II 10% runs (seeds 0, 1, 2): worst DACC 0.935, FPR 0.037,
 # FNR 0.526, AUC 0.958, against the paper's 0.885, 0.065, 0.716, 0.772; three more runs that
 # took (10-pixel trigger, combined pattern, random location) kept the pick and moved its worst
-# DACC to 0.933 and FPR to 0.067 (the combined pattern); a seventh (the logo pattern: DACC
-# 0.941, FPR 0.059, FNR 0.062) left the worst case as it was
+# DACC to 0.933 and FPR to 0.067 (the combined pattern); a seventh and an eighth (the logo
+# pattern: DACC 0.941, FPR 0.059, FNR 0.062; seed 3: 0.937, 0.066, 0.042) left the worst case
+# as it was
 DEFAULT_METHOD = "last-max16x5-k6"
 # CLIP scores one fixed view of each image, so its default is a one-draw method: the
 # harness's rule (docs/RESULTS.md) on 9 configurations (Carlini-Terzis 1, 2 and 5%, seeds 0-2
