@@ -303,6 +303,10 @@ def _data_and_run(work: Path, poison, pretrain_fn, pcfg, progress: bool):
         run = pretrain_fn(index, work / "run", pcfg, progress=progress,
                           command="python " + " ".join(map(shlex.quote, sys.argv)))
         t_run = time.perf_counter() - t0
+        if run.checkpoints and run.checkpoints[-1].train_s is not None:
+            # the whole training, an interrupted call's epochs included (this call's wall
+            # time counts only what followed a resume)
+            t_run = run.checkpoints[-1].train_s
     return index, run, t_data, t_run
 
 
@@ -311,7 +315,8 @@ def _recorded_times(work: Path, config: str, t_data: float | None,
     """The wall times a configuration's work took when it was done (``work/times.json``), so
     that rows re-scored from the cache report them rather than this call's near-zero ones.
     Caches from before the file existed are seeded from their rows in the results file. A
-    pre-training resumed in this call records the part since the resume."""
+    resumed pre-training records its whole training time where its checkpoints carry it
+    (runs started since 2026-12-03), else only the part since the resume."""
     path = work / "times.json"
     if path.exists():
         times = json.loads(path.read_text())
@@ -884,8 +889,9 @@ def write_markdown(rows: list[dict]) -> None:
     lines += ["", "Times (seconds) are those of the pre-training and of the shared trace the "
               "method was sliced from, when they ran (`times.json` in the configuration's "
               "cache), not those of a later command that re-scored the cached terms; rows "
-              "re-scored before 2026-12-02 show 0, and a pre-training resumed from an "
-              "interrupted run counts only the part after the resume. Domains: "
+              "re-scored before 2026-12-02 show 0, and a pre-training started before "
+              "2026-12-03 and resumed after an interruption counts only the part after the "
+              "resume (checkpoints now record the training seconds behind them). Domains: "
               "attacker domains called suspicious / all attacker domains, then benign domains "
               "called suspicious / all benign ones (— where the row predates the verdict).",
               "", *WHY_NOT_REACHED, "", "Commands:", ""]

@@ -33,6 +33,9 @@ class Checkpoint:
     lr: float  # mean learning rate over the epochs this checkpoint stands for
     weights: Path
     optimizer: Path | None
+    # wall seconds of training behind this checkpoint, summed over resumed calls (None in runs
+    # written before it was recorded, or resumed from one)
+    train_s: float | None = None
 
 
 class Run:
@@ -74,7 +77,8 @@ class Run:
     def checkpoints(self) -> list[Checkpoint]:
         return [
             Checkpoint(c["epoch"], c["step"], float(c["lr"]), self.path / c["weights"],
-                       (self.path / c["optimizer"]) if c.get("optimizer") else None)
+                       (self.path / c["optimizer"]) if c.get("optimizer") else None,
+                       c.get("train_s"))
             for c in self.manifest["checkpoints"]
         ]
 
@@ -120,14 +124,17 @@ def new_manifest(model: ModelConfig, augment: AugmentConfig, index_path: str, in
 
 def save_checkpoint(run_dir: Path, manifest: dict, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None, epoch: int, step: int,
-                    lr: float) -> None:
+                    lr: float, train_s: float | None = None) -> None:
     """Write the weights (and optimizer state), then the manifest entry, each atomically: a
-    crash leaves either the previous manifest or the new one, never a dangling entry."""
+    crash leaves either the previous manifest or the new one, never a dangling entry.
+    ``train_s``: the training wall seconds behind this checkpoint (recorded when known)."""
     name = f"ckpt-{epoch:04d}"
     with atomic_path(run_dir / f"{name}.safetensors") as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp))
     entry = {"epoch": epoch, "step": step, "lr": lr, "weights": f"{name}.safetensors"}
+    if train_s is not None:
+        entry["train_s"] = round(float(train_s), 1)
     if optimizer is not None:
         with atomic_path(run_dir / f"{name}.optim.pt") as tmp:
             torch.save(optimizer.state_dict(), tmp)

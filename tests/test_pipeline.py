@@ -77,6 +77,10 @@ def test_resume_equals_uninterrupted(small, tmp_path):
     assert [c.epoch for c in Run(tmp_path / "r").checkpoints] == [1]
     resumed = pretrain(small["index"], tmp_path / "r", TINY, progress=False)
     straight = small["run"]
+    # the training seconds add up over the resume (read back from the manifest)
+    seconds = [c.train_s for c in resumed.checkpoints]
+    assert len(seconds) == TINY.epochs and seconds[0] > 0
+    assert all(b > a for a, b in zip(seconds, seconds[1:]))
     a = load_file(str(resumed.checkpoints[-1].weights))
     b = load_file(str(straight.checkpoints[-1].weights))
     for k in b:

@@ -126,7 +126,7 @@ def pretrain_clip(index: SampleIndex, out: str | Path, cfg: ClipPretrainConfig,
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
                             betas=(0.9, 0.98), eps=1e-6)
     manifest = new_clip_manifest(model, augment, index, cfg, command)
-    manifest, start_epoch, step = start_or_resume(
+    manifest, start_epoch, step, train_s = start_or_resume(
         out, manifest, opt,
         lambda run, last: model.load_state_dict(load_clip_model(run, last, device).state_dict()))
 
@@ -153,10 +153,10 @@ def pretrain_clip(index: SampleIndex, out: str | Path, cfg: ClipPretrainConfig,
     # every step sees batch_size - 1 negatives (the ragged last batch is dropped)
     train_epochs(cfg, model, opt, len(data), start_epoch, step, max_epochs_this_call,
                  train_batch,
-                 lambda epoch, step, lr: save_checkpoint(out, manifest, model.clip, opt, epoch,
-                                                         step, lr),
+                 lambda epoch, step, lr, t: save_checkpoint(out, manifest, model.clip, opt,
+                                                            epoch, step, lr, t),
                  "pretrain clip", progress,
-                 postfix=lambda: {"scale": f"{model.logit_scale().item():.1f}"})
+                 postfix=lambda: {"scale": f"{model.logit_scale().item():.1f}"}, train_s=train_s)
     model.eval()
     return Run(out)
 

@@ -32,14 +32,18 @@ def epoch_lr(cfg, epoch: int) -> float:
 def train_epochs(cfg, model: torch.nn.Module, opt: torch.optim.Optimizer, n: int,
                  start_epoch: int, step: int, max_epochs_this_call: int | None,
                  train_batch: Callable[[np.ndarray, int], float],
-                 save: Callable[[int, int, float], None], desc: str, progress: bool,
-                 postfix: Callable[[], dict] | None = None) -> int:
+                 save: Callable[[int, int, float, float | None], None], desc: str,
+                 progress: bool, postfix: Callable[[], dict] | None = None,
+                 train_s: float | None = 0.0) -> int:
     """Train from ``start_epoch`` (1-based) to ``cfg.epochs`` (at most
     ``max_epochs_this_call`` of them) over ``n`` samples; returns the step count after them.
 
     ``train_batch(sel, epoch)`` takes one optimizer step on the samples at positions ``sel``
-    and returns its loss; ``save(epoch, step, mean_lr)`` writes a checkpoint. The ragged last
-    batch is dropped: BatchNorm and the number of negatives stay the same every step.
+    and returns its loss; ``save(epoch, step, mean_lr, train_s)`` writes a checkpoint, with
+    the training wall seconds behind it: ``train_s`` (those before ``start_epoch``, None if
+    unknown) plus this call's epochs, so a resumed run reports its whole training time, not
+    the part after the resume. The ragged last batch is dropped: BatchNorm and the number of
+    negatives stay the same every step.
     """
     end_epoch = cfg.epochs if max_epochs_this_call is None else min(
         cfg.epochs, start_epoch - 1 + max_epochs_this_call)
@@ -60,11 +64,13 @@ def train_epochs(cfg, model: torch.nn.Module, opt: torch.optim.Optimizer, n: int
         for b in range(n_batches):
             total += train_batch(perm[b * bs: (b + 1) * bs], epoch)
             step += 1
+        if train_s is not None:
+            train_s += time.perf_counter() - t0
         bar.set_postfix(loss=f"{total / max(n_batches, 1):.3f}",
                         **(postfix() if postfix else {}),
                         ips=f"{n_batches * bs / (time.perf_counter() - t0):.0f}")
         if epoch % cfg.ckpt_every == 0 or epoch == cfg.epochs:
-            save(epoch, step, float(np.mean(lrs_since_ckpt)))
+            save(epoch, step, float(np.mean(lrs_since_ckpt)), train_s)
             lrs_since_ckpt = []
     return step
 
@@ -86,23 +92,24 @@ def check_resumable(run: Run, fresh: dict, out: Path) -> None:
 
 
 def start_or_resume(out: Path, manifest: dict, opt: torch.optim.Optimizer,
-                    load_weights: Callable) -> tuple[dict, int, int]:
-    """``(manifest, first epoch to train, steps so far)``. Where ``out`` holds no run, the
-    fresh ``manifest`` is written there; else the run's settings must match it (only the
-    epoch count may change) and the last checkpoint's weights (``load_weights(run, ckpt)``)
-    and optimizer state are loaded."""
+                    load_weights: Callable) -> tuple[dict, int, int, float | None]:
+    """``(manifest, first epoch to train, steps so far, training seconds so far)``. Where
+    ``out`` holds no run, the fresh ``manifest`` is written there; else the run's settings
+    must match it (only the epoch count may change) and the last checkpoint's weights
+    (``load_weights(run, ckpt)``) and optimizer state are loaded. The seconds are None for a
+    run whose last checkpoint did not record them."""
     if not (out / MANIFEST).exists():
         atomic_write_json(out / MANIFEST, manifest)
-        return manifest, 1, 0
+        return manifest, 1, 0, 0.0
     run = Run(out)
     check_resumable(run, manifest, out)
     if not run.checkpoints:
-        return run.manifest, 1, 0
+        return run.manifest, 1, 0, 0.0
     last = run.checkpoints[-1]
     load_weights(run, last)
     if last.optimizer is not None:
         opt.load_state_dict(torch.load(last.optimizer, weights_only=True))
-    return run.manifest, last.epoch + 1, last.step
+    return run.manifest, last.epoch + 1, last.step, last.train_s
 
 
 __all__ = ["check_resumable", "epoch_lr", "start_or_resume", "train_epochs"]

@@ -72,7 +72,7 @@ def pretrain(index: SampleIndex, out: str | Path, cfg: PretrainConfig,
     manifest = new_manifest(mcfg, cfg.augment, str(index.path), index.hash, cfg.temperature,
                             cfg.settings(), command)
     manifest = json.loads(json.dumps(manifest))  # tuples -> lists, as read back from disk
-    manifest, start_epoch, step = start_or_resume(
+    manifest, start_epoch, step, train_s = start_or_resume(
         out, manifest, opt,
         lambda run, last: model.load_state_dict(run.load_model(last, device).state_dict()))
 
@@ -97,7 +97,7 @@ def pretrain(index: SampleIndex, out: str | Path, cfg: PretrainConfig,
 
     train_epochs(cfg, model, opt, len(data), start_epoch, step, max_epochs_this_call,
                  train_batch,
-                 lambda epoch, step, lr: save_checkpoint(out, manifest, model, opt, epoch, step,
-                                                         lr),
-                 "pretrain", progress)
+                 lambda epoch, step, lr, t: save_checkpoint(out, manifest, model, opt, epoch,
+                                                            step, lr, t),
+                 "pretrain", progress, train_s=train_s)
     return Run(out)
