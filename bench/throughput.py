@@ -13,7 +13,8 @@ saved in the run format (weights do not change the cost), the data ``n`` random 
 images in a sample index, the instances random images. Prints a human table on stderr and
 one JSON object on stdout (``--json``).
 
-* ``inference_sps``: the backbone alone on batches of 512 views under inference_mode.
+* ``inference_sps``: the backbone alone on batches of 256 views under inference_mode (what
+  the engine feeds it: one view of a 256-sample scoring batch).
 * ``engine_sps``: ``Engine(run).score(index, instances)`` per backend (decode, augment,
   backbone, ghost score), K = 1 and K = 8 instances.
 * ``reference_sps``: the same Engine with ``reference=True`` (per-sample autograd on the
