@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 detection = pytest.importorskip("detection")
+report = pytest.importorskip("detection_report")
 
 
 def test_every_method_has_a_trace_that_holds_it():
@@ -182,7 +183,7 @@ def test_coverage_lists_every_grid_configuration_with_its_status():
     took, failed = detection.GRIDS["seeds"][1], detection.GRIDS["rates"][0]
     rows = [dict(_row(took.name, "paper", 0.9), asr=0.7, asr_untriggered=0.05),
             dict(_row(failed.name, "paper", 0.9, took=False), asr=0.1, asr_untriggered=0.04)]
-    table = [line for line in detection.coverage_lines(rows) if line.startswith("| ")][1:]
+    table = [line for line in report.coverage_lines(rows) if line.startswith("| ")][1:]
     assert len(table) == sum(len(g) for g in detection.GRIDS.values())
     status = {line.split(" | ")[1]: line.split(" | ")[2] for line in table}
     assert status[took.name] == "attack took"
@@ -193,7 +194,7 @@ def test_coverage_lists_every_grid_configuration_with_its_status():
     # a measured configuration outside every grid is listed too
     extra = dict(_row("pe2-custom", "paper", 0.9), asr=0.6, asr_untriggered=0.05)
     assert ("| (no grid) | pe2-custom | attack took | 0.600 / 0.050 |"
-            in detection.coverage_lines([*rows, extra]))
+            in report.coverage_lines([*rows, extra]))
 
 
 def test_min_method_takes_the_instances_minimum_of_the_draws_maximum():
@@ -213,7 +214,7 @@ def test_matched_fpr_moves_the_baseline_threshold_to_the_candidates_fpr():
     poisoned[rng.choice(n, 150, replace=False)] = True
     cand = rng.standard_t(3, n) + 4.0 * poisoned
     base = rng.standard_t(3, n) + 3.0 * poisoned
-    got = detection.matched_fpr(cand, base, poisoned, k=6.0)
+    got = report.matched_fpr(cand, base, poisoned, k=6.0)
     # the candidate's own MAD rule, written out
     med = np.median(cand)
     flagged = cand > med + 6.0 * np.median(np.abs(cand - med))
@@ -227,15 +228,15 @@ def test_matched_fpr_moves_the_baseline_threshold_to_the_candidates_fpr():
 
 
 def test_preregistered_table_tests_only_runs_out_of_sample_where_the_attack_took():
-    cand = next(iter(detection.PREREGISTERED))
-    picked = detection.PREREGISTERED[cand][0]
+    cand = next(iter(report.PREREGISTERED))
+    picked = report.PREREGISTERED[cand][0]
     default = detection.DEFAULT_METHOD
     rows = [_row(picked, cand, 0.96), _row(picked, default, 0.93),
             _row("held", cand, 0.95), _row("held", default, 0.94),
             _row("failed", cand, 0.90), _row("failed", default, 0.94),
             _row("untaken", cand, 0.99, took=False), _row("untaken", default, 0.90, took=False),
             _row("no-default", cand, 0.99)]
-    lines = detection.preregistered_lines(rows)
+    lines = report.preregistered_lines(rows)
     verdict = {line.split(" | ")[1]: line.split(" | ")[-1].rstrip(" |")
                for line in lines if line.startswith(f"| `{cand}`")}
     assert verdict == {picked: "in sample", "held": "holds", "failed": "fails",

@@ -4,6 +4,7 @@ score (engine == reference), trace, eval, and the CLI end to end."""
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -80,7 +81,7 @@ def test_resume_equals_uninterrupted(small, tmp_path):
     # the training seconds add up over the resume (read back from the manifest)
     seconds = [c.train_s for c in resumed.checkpoints]
     assert len(seconds) == TINY.epochs and seconds[0] > 0
-    assert all(b > a for a, b in zip(seconds, seconds[1:]))
+    assert all(b > a for a, b in pairwise(seconds))
     a = load_file(str(resumed.checkpoints[-1].weights))
     b = load_file(str(straight.checkpoints[-1].weights))
     for k in b:

@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from detection import METHODS, SCORES_DIR, load_results, load_scores, matched_fpr  # noqa: E402
+from detection import METHODS, SCORES_DIR, load_results, load_scores  # noqa: E402
+from detection_report import matched_fpr  # noqa: E402
 
 MEAN, MIN = "last-max16x5-k6", "last-max16min5-k6"
 

@@ -1,0 +1,357 @@
+"""The detection harness's report: ``docs/RESULTS.md`` from the rows of
+``bench/results/detection.json`` (``python bench/detection.py --write-md``): the side-by-side
+table with the paper, the grid's coverage, the pre-registered candidates' tests, every
+method's worst case and every row, and why the paper's figures are not reached here."""
+
+from __future__ import annotations
+
+import numpy as np
+from detection import (  # bench/ is on sys.path when these run
+    GRIDS,
+    MAX_FNR_FOR_DEFAULT,
+    METHODS,
+    MIN_CONFIGS_FOR_DEFAULT,
+    N_INSTANCES,
+    RESULTS_MD,
+    SCORES_DIR,
+    TOOK_MIN_ASR,
+    TOOK_MIN_GAP,
+    _variant,
+    load_scores,
+    summary,
+)
+
+from ffengine.attacks.clip_attacks import CLIP_ATTACKS
+from ffengine.detect import flag
+from ffengine.io_utils import atomic_write_bytes
+from ffengine.methods import DEFAULT_CLIP_METHOD, DEFAULT_METHOD
+
+# The paper's CIFAR-10 figures for the PoisonedEncoder attacks (FoundationForensics, Table 3:
+# all checkpoints, MAD k = 3), as ranges over its PE-I / PE-II rows.
+PAPER_ROW = {"dacc": "0.998–1.000", "fpr": "0.000–0.005", "fnr": "0.000–0.040"}
+
+# What limits detection here, and what was measured against it (the experiments are in
+# bench/experiments/, each re-runnable on the cached runs; figures from 2026-12-02 and earlier)
+WHY_NOT_REACHED = [
+    "## Why the paper's figures are not reached here", "",
+    "1. **Crops.** A PoisonedEncoder poison raises the cosine only in augmentation draws whose "
+    "two views fall on different halves of it, so one draw misses most poisons; the maximum "
+    "over 16 draws recovers them (compare `paper`, `last-mean16` and `last-max16`).",
+    "2. **Clean target-class images are the false positives.** Once `x_b` sits in the target "
+    "cluster, training on clean target-class images raises cos(x_b, x_r) too (FPR target vs "
+    "other in the last table). Here the target class is 10% of the clean data (500 images), "
+    "so these false positives weigh in FPR ten times more than a class holding 1% would.",
+    "3. **Early checkpoints add noise.** With one draw, poisons against clean trucks separate "
+    "best at the final checkpoint and worse the earlier the checkpoint (seed 2, AUC 0.53 at "
+    "epoch 5, 0.64 at 45, 0.72 at 60, 0.81 at 75); summing the last 2–6 checkpoints gives "
+    "0.75–0.80. The maximum over 16 draws does not change the order: at epoch 45 it gives "
+    "poisons against clean trucks AUC 0.783 (0.947 at 75; seed 2, 5 instances; "
+    "`bench/experiments/mid_checkpoint.py`).",
+    "", "What this leaves: on seeds 1 and 2 (final checkpoint, max over draws, 5 instances) "
+    "the best threshold anyone could pick with the labels in hand gives DACC 0.937 and 0.973; "
+    "`last-max16x5-k6`'s MAD threshold gives 0.935 and 0.964. So the threshold is not what "
+    "limits DACC; the ranking of poisons against clean target-class images is (AUC poisons "
+    "vs clean trucks 0.757 and 0.948). More draws saturate: from 8 to 16 that best-threshold "
+    "DACC moves 0.935 → 0.937 and 0.970 → 0.973. The same holds on the combined-pattern and "
+    "random-location runs (2026-12-02, the `best DACC` column): best threshold 0.965 and "
+    "0.975, the default's 0.933 and 0.949, with 45% and 43% of the clean trucks flagged. "
+    "Other threshold rules on the same scores (`bench/experiments/threshold_rules.py`, which "
+    "reads the committed per-sample scores in `bench/results/scores/`) do worse than MAD "
+    "with k = 6 on both: the MAD of the lower half only (k = 3: DACC 0.845 and 0.871; k = 6: "
+    "0.907 and 0.932) and a two-component Gaussian mixture (0.803 and 0.862); the clean "
+    "tail is not Gaussian, and its trucks overlap the poisons.",
+    "", "Tried against (2), none of which helps across configurations:",
+    "* an optimized random reference (Table 7) and scoring only head.fc2 (rows above);",
+    "* a one-sided cosine gradient holding x_r's head output fixed (only x_b moves; "
+    "`bench/experiments/one_sided_cosine.py`, the demo's run, max over 8 draws): AUC 0.871 "
+    "against 0.976; clean-truck FPR at k = 6 0.047 against 0.256 but FNR 0.870: the poisons "
+    "raise the cosine largely by moving x_r, a truck, towards x_b too;",
+    "* control pairs scored in the same pass (`bench/experiments/control_pairs.py`, final "
+    "checkpoint, 8 draws, 5 instances), each term divided by its cosine gradient's norm and "
+    "the control subtracted per draw, before the max: against `x_b` without its trigger, AUC "
+    "0.959 against 0.947 on seed 1 but 0.888 against 0.989 on seed 2; against the clean "
+    "truck nearest `x_b` (a pair already inside the target cluster), the clean-truck false "
+    "positives vanish (FPR target 0.002 at k = 6 on seed 1) and so do the poisons (AUC 0.631 "
+    "on seed 1, 0.819 on seed 2): a poison's straddling draw moves the target cluster as a "
+    "whole, which is what a clean truck does;",
+    "* weighting each draw by how far apart the sample's two views are (`1 - cos` of their "
+    "head outputs, the same crops the trace scored; `bench/experiments/view_agreement.py`, "
+    "2026-12-02): a clean truck's views agree, a poison's straddling views do not. AUC "
+    "against clean trucks 0.757 → 0.866 on seed 1 but 0.947 → 0.932 on seed 2 (max over "
+    "draws; DACC at k = 6 0.916 and 0.892 against 0.935 and 0.964). View disagreement alone "
+    "(a composite-image detector, not a backdoor score) separates poisons from clean trucks "
+    "on seed 1 (AUC 0.924) but not on seed 2 (0.847); summed with the default score "
+    "(each robustly standardized) it gives AUC 0.985 and 0.992 (default 0.958 and 0.992) "
+    "but DACC at k = 6 0.948 and 0.927 (FNR 0.56 and 0.81). None is kept.",
+    "* weighting each checkpoint by how much cos(f(x_b), f(x_r)) rose since the previous one "
+    "(`--weighting rise`, methods `paper-rise`, `paper-rise-5inst`, `paper-ckpt15-rise-5inst`; "
+    "2026-12-02, sliced from the cached `paper` traces): against Eq. 5 with the same "
+    "instances, AUC 0.856 → 0.865 on seed 1 but 0.910 → 0.851 on seed 2 (5 checkpoints; "
+    "0.862 → 0.884 and 0.915 → 0.888 with 15), far below the final checkpoint with the max "
+    "over draws (0.958, 0.992). On CLIP it removes the early-checkpoint noise that `last-x5` "
+    "avoids (CorruptEncoder seed 0: AUC 0.613 → 0.876) but is not better than `last-x5` "
+    "anywhere it matters, and with one instance it can zero a whole trace: on Carlini-Terzis "
+    "5% seeds 0 and 2 the first instance's cosine never rose after the first checkpoint, so "
+    "every score is 0 and nothing is flagged (the engine warns).",
+    "* the draws' spread instead of their maximum (`bench/experiments/draw_spread.py`, the "
+    "cached final-checkpoint traces, 16 draws, 5 instances): a clean truck should raise the "
+    "cosine in every draw, a poison only in its straddling ones. Max − mean over draws: "
+    "poisons against clean trucks AUC 0.757 → 0.816 on seed 1 but 0.947 → 0.667 on seed 2; "
+    "max − median/2, top-2 mean and standardizing each instance before the mean move the "
+    "AUC against clean trucks by 0.035 at most and DACC at k = 6 by 0.006 at most.",
+    "* subtracting the median score of a sample's nearest neighbours in embedding space "
+    "(`bench/experiments/local_normalization.py`, final checkpoint, backbone or head space, "
+    "k = 10–200): a clean truck's neighbours are clean trucks, but 37–66% of a poison's "
+    "neighbours are poisons (they share the trigger), so the poisons cancel too: AUC against "
+    "clean trucks 0.757 → at most 0.794 on seed 1 and 0.947 → at most 0.940 on seed 2, DACC at "
+    "k = 6 never above the default's.",
+    "* the instances' minimum instead of their mean (`--combine min`, method "
+    "`last-max16min5-k6`; picked on 2026-12-02 after looking at the combined-pattern and "
+    "random-location runs, the only ones with cached terms then, and pre-registered in "
+    "docs/PREREGISTRATION.md before the next runs were traced; every run it was measured on "
+    "is in the table \"Pre-registered candidates\" above). Its prediction, a higher DACC "
+    "than the default wherever the attack takes, has held on every out-of-sample run that "
+    "took, but by the operating point and not the ranking: each time a lower FPR for a "
+    "higher FNR at a slightly lower AUC, and at the FPR the minimum reaches the mean with a "
+    "larger k (8–10) misses as many poisons or fewer. Where the attack did not take the "
+    "minimum ranks the poisons worse than the mean. Not kept: it cannot be picked until it "
+    "is measured on the runs traced before it existed (seeds 0–2, 10-pixel trigger; no "
+    "cached terms), it misses a third or more of the poisons on the logo and seed-3 runs, "
+    "and what it gains a larger k gives the default as well.",
+    "", "**CLIP.** On Carlini-Terzis 5% the clean truck/\"truck\" pairs outscore the poisons "
+    "(final checkpoint, 5 instances: AUC of poisons against clean target-class pairs 0.06), "
+    "so every sample-level method misses nearly all poisons at a usable FPR (FNR at 1% FPR "
+    "1.0). `bench/experiments/clip_variants.py` measured one-sided gradients (only x_b's "
+    "embedding moves: clean-truck FPR 0.018 but AUC 0.771 and other-class FPs 8.6%; only "
+    "x_r's: AUC 0.371), the untriggered-`x_b` control (AUC 0.789) and the one-sided "
+    "difference of the two (AUC 0.229): none separates the poisons. The attack's domains do "
+    "stand out at the domain level (last column of the side-by-side table).",
+    "", "**PE-I** (10%, seed 0, 2026-12-02): the backdoor did not take by the k-NN measure "
+    "(the trigger image stays in its own class: ASR 0.0 against 4.1% untriggered), so its "
+    "rows do not count towards the defaults. Its poisons all carry the one trigger image, "
+    "and the traceback isolates them anyway (AUC 0.983 for `paper`, 0.998 for the default: "
+    "DACC 0.969, FPR 0.034, FNR 0.000). A PE-I run where the backdoor takes (more epochs "
+    "or poisons) is still to be made.",
+]
+
+
+# Method candidates pre-registered in docs/PREREGISTRATION.md: each with the configurations
+# looked at when it was picked (in sample); every other run it is measured on tests it
+PREREGISTERED = {"last-max16min5-k6": ("pe2-r10-s8-br-combined-t9-seed0-small-e75",
+                                       "pe2-r10-s8-r-square-t9-seed0-small-e75")}
+
+
+def matched_fpr(candidate: np.ndarray, baseline: np.ndarray, poisoned: np.ndarray,
+                k: float) -> dict:
+    """The candidate's FPR and FNR under MAD with ``k``, and the baseline's FNR and MAD
+    multiplier at the same FPR (its threshold leaves that fraction of clean inputs above it):
+    whether a candidate's higher DACC comes from ranking poisons better or only from a
+    stricter operating point, which the baseline reaches with a larger k."""
+    flagged = np.zeros(len(candidate), bool)
+    flagged[flag(candidate, k)] = True
+    fpr = float(flagged[~poisoned].mean())
+    thr = float(np.quantile(baseline[~poisoned], 1 - fpr))
+    med = float(np.median(baseline))
+    mad = float(np.median(np.abs(baseline - med)))
+    return {"fpr": fpr, "fnr": float(1 - flagged[poisoned].mean()),
+            "fnr_baseline": float((baseline[poisoned] <= thr).mean()),
+            "k_baseline": (thr - med) / mad}
+
+
+def preregistered_lines(rows: list[dict]) -> list[str]:
+    """One table row per run each pre-registered candidate was measured on, against the
+    default: in or out of sample, both methods' figures, the default's FNR at the candidate's
+    FPR (from the committed per-sample scores), and whether the prediction (a higher DACC
+    than the default where the attack took) held."""
+    by = {(r["config"], r["method"]): r for r in rows}
+    lines = ["## Pre-registered candidates", "",
+             "Each candidate in `docs/PREREGISTRATION.md` against the default "
+             f"`{DEFAULT_METHOD}` on every run it was measured on. In sample: the runs looked at "
+             "when it was picked; every other run is a test. Prediction: a higher DACC than the "
+             "default on every out-of-sample run where the attack took. Default at the same FPR: "
+             "the default's FNR with its threshold moved to the candidate's FPR, and the MAD k "
+             "that gives it (`bench/experiments/min_vs_mean_k.py`).", "",
+             "| candidate | config | sample | took | DACC (cand. / default) | FPR | FNR | AUC | "
+             "default at the same FPR: FNR (k) | prediction |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for cand, picked_on in PREREGISTERED.items():
+        tally = []
+        for config in sorted({c for c, m in by if m == cand}):
+            a, b = by[(config, cand)], by.get((config, DEFAULT_METHOD))
+            if b is None:
+                continue
+            in_sample = config in picked_on
+            matched = "n/a"
+            if (SCORES_DIR / f"{config}.npz").exists():
+                saved = load_scores(config)
+                if {cand, DEFAULT_METHOD} <= set(saved["scores"]):
+                    mf = matched_fpr(saved["scores"][cand], saved["scores"][DEFAULT_METHOD],
+                                     saved["poisoned"].astype(bool), METHODS[cand].k)
+                    matched = f"{mf['fnr_baseline']:.3f} ({mf['k_baseline']:.1f})"
+            held = a["dacc"] > b["dacc"]
+            verdict = ("in sample" if in_sample else
+                       "no test (attack did not take)" if not a["took"] else
+                       "holds" if held else "fails")
+            if not in_sample and a["took"]:
+                tally.append((held, a["auc"] > b["auc"]))
+            lines.append(
+                f"| `{cand}` | {config} | {'in' if in_sample else 'out'} | "
+                f"{'yes' if a['took'] else 'no'} | {a['dacc']:.3f} / {b['dacc']:.3f} | "
+                f"{a['fpr']:.3f} / {b['fpr']:.3f} | {a['fnr']:.3f} / {b['fnr']:.3f} | "
+                f"{a['auc']:.3f} / {b['auc']:.3f} | {matched} | {verdict} |")
+        lines += ["", f"`{cand}` out of sample where the attack took: the prediction held on "
+                  f"{sum(h for h, _ in tally)} of {len(tally)} runs; its AUC beat the "
+                  f"default's on {sum(u for _, u in tally)} of {len(tally)}."]
+    return lines
+
+
+def write_markdown(rows: list[dict]) -> None:
+    s = summary(rows)
+    took = sorted({r["config"] for r in rows if r["took"]})
+    by = {(r["config"], r["method"]): r for r in rows}
+    lines = ["# Detection quality at CPU scale", "",
+             "Generated by `python bench/detection.py --write-md` from "
+             "`bench/results/detection.json`; every row names the command that made it. "
+             f"An attack took when ASR ≥ {TOOK_MIN_ASR} and ASR − untriggered ≥ "
+             f"{TOOK_MIN_GAP} (k-NN, k = 20, on backbone features of the clean training "
+             "images). Each configuration is traced once per (checkpoints, draws) setting with "
+             f"{N_INSTANCES} backdoor instances in one pass; every method is a slice of those "
+             "terms: the same numbers `ffengine trace` gives with the method's options (`--method` "
+             "names only the product's methods, `paper`, `last-max16x5`, `last-x5` and the "
+             "default; the others are harness names for `--checkpoints`, `--draws`, "
+             "`--aggregate`, `--combine`, `--k` and `--weighting`, and the `optref`, `fc2` and "
+             "`ckpt15` "
+             "variants need their own instances (`instance --reference optimized`), layers "
+             "(`--layers`) or run).", "",
+             f"ffengine's default method: `{DEFAULT_METHOD}`. Over the {s['n_configs']} "
+             f"configuration(s) where the attack took (of {s['n_configs_tried']} tried) its "
+             f"worst DACC {_f(s['dacc_min'])}, FPR {_f(s['fpr_max'])}, FNR "
+             f"{_f(s['fnr_max'])}; the paper's method: DACC {_f(s['paper']['dacc_min'])}, "
+             f"FPR {_f(s['paper']['fpr_max'])}, FNR {_f(s['paper']['fnr_max'])}. "
+             f"CLIP (default `{DEFAULT_CLIP_METHOD}`: CLIP scores one fixed view, so its "
+             f"methods have one draw): {s['clip']['n_configs']} configuration(s) took (of "
+             f"{s['clip']['n_configs_tried']} tried), worst DACC {_f(s['clip']['dacc_min'])}, "
+             f"FPR {_f(s['clip']['fpr_max'])}, FNR {_f(s['clip']['fnr_max'])}.", "",
+             "How the default is chosen (the rule was fixed on 2026-11-25 after looking at the "
+             "PE-II 10% configuration only, before any other configuration was traced): the "
+             "method with the best worst-case DACC over every configuration where the attack "
+             f"took, among those measured on all of them, once at least "
+             f"{MIN_CONFIGS_FOR_DEFAULT} configurations took (one configuration is not a "
+             "grid). Amended on 2026-12-02: only among detectors, methods whose worst FNR is "
+             f"below {MAX_FNR_FOR_DEFAULT} (DACC alone picked `paper-k6` for CLIP, which "
+             "flags 2 of 5,250 inputs: with 5% poisons, flagging nothing scores DACC 0.95); "
+             "the amendment does not change the SimCLR pick. "
+             + (f"By that rule the cached results pick `{s['best_by_rule']}`."
+                          if s["best_by_rule"] else
+                          f"The cached results hold {s['n_configs']} such configuration(s), so "
+                          "the default stays the paper's method.")
+             + (f" For CLIP the rule picks `{s['clip']['best_by_rule']}`."
+                if s["clip"]["best_by_rule"] else ""), "",
+             "Why the paper's figures are not reached here, and what was tried: see the last "
+             "section. At the domain level (the verdict `ffengine trace` writes to "
+             "domains.txt: a binomial test of each domain's flag count against the other "
+             "domains' rate, Bonferroni-corrected, and a rate at least twice theirs) the "
+             "last column of the side-by-side table counts the attacker's domains found and "
+             "the benign domains called suspicious.", "",
+             "## Side by side with the paper", "",
+             "| config | paper, Table 3 (DACC / FPR / FNR) | paper's method here | "
+             f"ffengine default (`{DEFAULT_METHOD}`) here | domains: attacker found, benign "
+             "flagged (paper's / default) |", "|---|---|---|---|---|"]
+    clip_configs = {r["config"] for r in rows if r.get("attack") in CLIP_ATTACKS}
+    for c in took:
+        cells = []
+        default = DEFAULT_CLIP_METHOD if c in clip_configs else DEFAULT_METHOD
+        for m in ("paper", default):
+            r = by.get((c, m))
+            cells.append("n/a" if r is None else
+                         f"{r['dacc']:.3f} / {r['fpr']:.3f} / {r['fnr']:.3f} (AUC {r['auc']:.3f})")
+        if default != DEFAULT_METHOD:
+            cells[1] += f" (`{default}`: CLIP)"
+        paper = ("— (the paper's CLIP figures are not on this data)" if c in clip_configs
+                 else f"{PAPER_ROW['dacc']} / {PAPER_ROW['fpr']} / {PAPER_ROW['fnr']}")
+        doms = " / ".join(_domains_cell(by.get((c, m))) for m in ("paper", default))
+        lines.append(f"| {c} | {paper} | {cells[0]} | {cells[1]} | {doms} |")
+    lines += ["", *coverage_lines(rows)]
+    lines += ["", *preregistered_lines(rows)]
+    lines += ["", "## Methods", "", "| method | what it does |", "|---|---|"]
+    notes = {"optref": "; x_r optimized from noise (Table 7)",
+             "fc2": "; only head.fc2 scored",
+             "ckpt15": "; 15 checkpoints (every 5 epochs) instead of 5"}
+    for name, m in METHODS.items():
+        extra = notes.get(_variant(name), "")
+        lines.append(f"| `{name}` | {m.describe()}{extra} |")
+    lines += ["", "## Worst case per method over the configurations where the attack took", "",
+              "| method | configs | worst DACC | worst FPR | worst FNR | worst AUC |",
+              "|---|---|---|---|---|---|"]
+    for name in METHODS:
+        w = s["methods"].get(name)
+        if w and w["n_configs"]:
+            lines.append(f"| `{name}` | {w['n_configs']} | {w['dacc_min']:.4f} | "
+                         f"{w['fpr_max']:.4f} | {w['fnr_max']:.4f} | {w['auc_min']:.4f} |")
+    lines += ["", "## Every row", "",
+              "FPR target / other: the false-positive rate among clean images of the target "
+              "class / of the other classes. Best DACC: the DACC of the best threshold on the "
+              "method's scores (an oracle that reads the truth: where it is near DACC, no "
+              "threshold rule would help, the ranking itself is what falls short; n/a for "
+              "rows measured before this column was added on 2026-12-02).", "",
+              "| config | method | ASR | ASR untrig. | took | DACC | best DACC | FPR | FNR | "
+              "AUC | FNR@1%FPR | FPR target | FPR other | flagged | domains | pretrain s | "
+              "trace s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = {m: i for i, m in enumerate(METHODS)}
+    for r in sorted(rows, key=lambda r: (r["config"], order.get(r["method"], 99))):
+        lines.append(
+            f"| {r['config']} | {r['method']} | {r['asr']:.3f} | {r['asr_untriggered']:.3f} | "
+            f"{'yes' if r['took'] else 'no'} | {r['dacc']:.4f} | {_f(r.get('dacc_best'))} | "
+            f"{r['fpr']:.4f} | "
+            f"{r['fnr']:.4f} | {r['auc']:.4f} | {r['fnr_at_fpr_1pct']:.4f} | "
+            f"{_f(r.get('fpr_target'))} | {_f(r.get('fpr_other'))} | {r['n_flagged']} | "
+            f"{_domains_cell(r)} | {_s(r['pretrain_s'])} | {_s(r['trace_s'])} |")
+    lines += ["", "Times (seconds) are those of the pre-training and of the shared trace the "
+              "method was sliced from, when they ran (`times.json` in the configuration's "
+              "cache), not those of a later command that re-scored the cached terms; rows "
+              "re-scored before 2026-12-02 show 0, and a pre-training started before "
+              "2026-12-03 and resumed after an interruption counts only the part after the "
+              "resume (checkpoints now record the training seconds behind them). Domains: "
+              "attacker domains called suspicious / all attacker domains, then benign domains "
+              "called suspicious / all benign ones (— where the row predates the verdict).",
+              "", *WHY_NOT_REACHED, "", "Commands:", ""]
+    for cmd in sorted({r["command"] for r in rows}):
+        lines.append(f"* `{cmd}`")
+    RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(RESULTS_MD, ("\n".join(lines) + "\n").encode())
+
+
+def coverage_lines(rows: list[dict]) -> list[str]:
+    """The grid's configurations, each with whether the attack took or that it is not run yet
+    (what is measured and what is still missing, in one place)."""
+    measured = {r["config"]: r for r in rows}  # a configuration's rows share ASR and took
+    lines = ["## Grid coverage", "",
+             "Every configuration of the grids (`--grid NAME`), run or not: what is measured and "
+             "what is still to run.", "",
+             "| grid | config | status | ASR / untriggered |", "|---|---|---|---|"]
+    in_grids = {c.name for g in GRIDS.values() for c in g}
+    places = [(grid, cfg.name) for grid, configs in GRIDS.items() for cfg in configs]
+    places += [("(no grid)", name) for name in sorted(set(measured) - in_grids)]
+    for grid, name in places:
+        r = measured.get(name)
+        status = ("not run yet" if r is None else
+                  "attack took" if r["took"] else "attack did not take")
+        asr = "" if r is None else f"{r['asr']:.3f} / {r['asr_untriggered']:.3f}"
+        lines.append(f"| {grid} | {name} | {status} | {asr} |")
+    return lines
+
+
+def _s(x) -> str:
+    return "n/a" if x is None else f"{x:g}"
+
+
+def _f(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _domains_cell(r: dict | None) -> str:
+    if r is None or "domains_attacker" not in r:
+        return "—"
+    return (f"{r['domains_attacker_flagged']}/{r['domains_attacker']}, "
+            f"{r['domains_benign_flagged']}/{r['domains_benign']}")
