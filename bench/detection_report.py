@@ -105,6 +105,16 @@ WHY_NOT_REACHED = [
     "neighbours are poisons (they share the trigger), so the poisons cancel too: AUC against "
     "clean trucks 0.757 → at most 0.794 on seed 1 and 0.947 → at most 0.940 on seed 2, DACC at "
     "k = 6 never above the default's.",
+    "* the order of the two reductions (`bench/experiments/reduction_order.py`, 2026-12-03, "
+    "the four runs that took with cached terms: combined, logo, random location, seed 3): a "
+    "poison's straddling draw raises every instance in the same draw, so the maximum over "
+    "draws of the instances' mean (or median, minimum, top-2 mean; with or without "
+    "standardizing each instance first) might average away what a clean truck raises for "
+    "one instance only. It does not: AUC within 0.005 of the default's, against clean trucks "
+    "within 0.02, best-threshold DACC within 0.007, the maximum of the mean the closest (AUC "
+    "against clean trucks 0.900, 0.899, 0.947, 0.907 against 0.897, 0.894, 0.947, 0.903). "
+    "How the terms are reduced is saturated; the terms themselves rank some clean trucks "
+    "above the poisons.",
     "* the instances' minimum instead of their mean (`--combine min`, method "
     "`last-max16min5-k6`; picked on 2026-12-02 after looking at the combined-pattern and "
     "random-location runs, the only ones with cached terms then, and pre-registered in "
