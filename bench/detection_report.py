@@ -263,7 +263,12 @@ def write_markdown(rows: list[dict]) -> None:
              "domains.txt: a binomial test of each domain's flag count against the other "
              "domains' rate, Bonferroni-corrected, and a rate at least twice theirs) the "
              "last column of the side-by-side table counts the attacker's domains found and "
-             "the benign domains called suspicious.", "",
+             "the benign domains called suspicious. In the harness's data every poison sits "
+             "on one of two attacker domains that hold nothing else, so the domain verdict "
+             "measures whether the flagged set concentrates there, and gating the sample flags "
+             "by it would reach FPR 0 by construction; it is not counted as sample-level "
+             "detection, and an attacker who spreads poisons over benign domains is not "
+             "measured.", "",
              "## Side by side with the paper", "",
              "| config | paper, Table 3 (DACC / FPR / FNR) | paper's method here | "
              f"ffengine default (`{DEFAULT_METHOD}`) here | domains: attacker found, benign "
