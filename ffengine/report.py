@@ -129,10 +129,10 @@ def domain_table(
 
     ``domain_ids`` (shape ``(n,)``) gives each sample's domain index into ``domain_names``.
     Rows ``{"domain", "flagged", "total", "rate", "ratio", "p_value", "suspicious"}``
-    (``rate = flagged / total``; ``ratio``: the rate over the other domains' rate, None
-    where this domain has flags and the others none, 1.0 where neither has any;
-    ``p_value`` and ``suspicious``: the binomial test
-    of :func:`ffengine.detect.domains.domain_suspicion` against the other domains' flag rate)
+    (``rate = flagged / total``; ``ratio``: the rate over the baseline's (the other domains
+    not called suspicious), None where this domain has flags and the baseline none, 1.0
+    where neither has any; ``p_value`` and ``suspicious``: the stepped-down Fisher exact
+    test of :func:`ffengine.detect.domains.domain_suspicion` against that baseline)
     for every domain with at least one sample, sorted suspicious first, then by p-value
     (ascending), rate (descending) and name. A p-value, not a count, orders the table: a
     large benign domain collects many false positives by its size alone.
@@ -188,7 +188,7 @@ def _finite_or_none(x: float) -> float | None:
 
 def format_domain_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Fixed-width text table of :func:`domain_table` rows (rate as a percentage; ``×others``:
-    the rate over the other domains' rate; ``p``: the binomial test's p-value; ``verdict``:
+    the rate over the baseline's; ``p``: the Fisher exact test's p-value; ``verdict``:
     ``SUSPICIOUS`` or ``-``)."""
     header = ("domain", "flagged", "total", "rate", "×others", "p", "verdict")
     cells = [(str(r["domain"]), str(int(r["flagged"])), str(int(r["total"])),

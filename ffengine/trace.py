@@ -10,7 +10,7 @@ A finished result directory holds::
     flagged.npy            int64 ids above median + k·MAD
     domains.json / .txt    flagged / scored total per source domain (skipped samples counted
                            apart) and the domain-level verdict
-                           (a binomial test against the other domains), suspicious first
+                           (a Fisher exact test against the other domains), suspicious first
     scores.png             score distribution with the threshold
     summary.json           counts, threshold, backend, skipped samples, suspicious
                            domains; written last
@@ -212,7 +212,7 @@ def _report(engine: Engine, index: SampleIndex, out: Path, k: float, stats: MADS
         "world_size": world_size,
         "skipped": [{"id": i, "key": index.key(i), "reason": r} for i, r in skipped],
         "top_domains": rows[:5],
-        # the domain-level verdict (ffengine.detect.domains): a binomial test per domain
+        # the domain-level verdict (ffengine.detect.domains): a Fisher exact test per domain
         "suspicious_domains": [r["domain"] for r in rows if r["suspicious"]],
         # how much of the flagged set is of x_r's class (the usual false positives); null
         # where the index has no labels or x_r's class is unknown
