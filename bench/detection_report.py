@@ -122,12 +122,14 @@ WHY_NOT_REACHED = [
     "docs/PREREGISTRATION.md before the next runs were traced; every run it was measured on "
     "is in the table \"Pre-registered candidates\" above). Its prediction, a higher DACC "
     "than the default wherever the attack takes, has held on every out-of-sample run that "
-    "took, but by the operating point and not the ranking: each time a lower FPR for a "
-    "higher FNR at a slightly lower AUC, and at the FPR the minimum reaches the mean with a "
-    "larger k (8–10) misses as many poisons or fewer. Where the attack did not take the "
+    "took (logo, seeds 3 and 4), but by the operating point and not the ranking: each time "
+    "a lower FPR for a higher FNR at a slightly lower AUC, and at the FPR the minimum "
+    "reaches the mean with a larger k (7.7–10) misses as many poisons or fewer. PE-I has "
+    "one instance, so there the minimum is the mean. Where the attack did not take the "
     "minimum ranks the poisons worse than the mean. Not kept: it cannot be picked until it "
     "is measured on the runs traced before it existed (seeds 0–2, 10-pixel trigger; no "
-    "cached terms), it misses a third or more of the poisons on the logo and seed-3 runs, "
+    "cached terms), it misses a fifth to nearly half of the poisons on the logo and "
+    "seed-3 and seed-4 runs (FNR 0.352, 0.432, 0.206), "
     "and what it gains a larger k gives the default as well.",
     "", "**CLIP.** On Carlini-Terzis 5% the clean truck/\"truck\" pairs outscore the poisons "
     "(final checkpoint, 5 instances: AUC of poisons against clean target-class pairs 0.06), "
@@ -141,8 +143,15 @@ WHY_NOT_REACHED = [
     "(the trigger image stays in its own class: ASR 0.0 against 4.1% untriggered), so its "
     "rows do not count towards the defaults. Its poisons all carry the one trigger image, "
     "and the traceback isolates them anyway (AUC 0.983 for `paper`, 0.998 for the default: "
-    "DACC 0.969, FPR 0.034, FNR 0.000). A PE-I run where the backdoor takes (more epochs "
-    "or poisons) is still to be made.",
+    "DACC 0.969, FPR 0.034, FNR 0.000). At 20% (2026-12-03) it took completely (ASR 1.000 "
+    "against 4.3%), and this is the default's best run: DACC 0.976, FPR 0.021, FNR 0.043, "
+    "AUC 0.997, the paper's FNR but twice its FPR bound. The false positives are again "
+    "clean trucks (17.8% of them flagged, against 0.3% of the other clean images): x_r is "
+    "a truck, and PE-I's x_b, the trigger image, sits in the truck cluster. The paper's Eq. 5 "
+    "misses 30% of the poisons here (AUC 0.915); the final checkpoint with one draw is worse "
+    "still (AUC 0.630) and the mean over 16 draws 0.786: the maximum over the draws is what "
+    "lifts it to 0.997, as on PE-II, where a poison (a composite of the two images) raises "
+    "the cosine in the few draws whose two views fall on different halves of it.",
 ]
 
 
@@ -193,17 +202,23 @@ def preregistered_lines(rows: list[dict]) -> list[str]:
                 continue
             in_sample = config in picked_on
             matched = "n/a"
+            # a run where the candidate scores exactly as the default (PE-I has one
+            # instance, so the instances' minimum is their mean) cannot test it
+            same = all(a[key] == b[key] for key in ("tp", "fp", "auc"))
             if (SCORES_DIR / f"{config}.npz").exists():
                 saved = load_scores(config)
                 if {cand, DEFAULT_METHOD} <= set(saved["scores"]):
-                    mf = matched_fpr(saved["scores"][cand], saved["scores"][DEFAULT_METHOD],
-                                     saved["poisoned"].astype(bool), METHODS[cand].k)
+                    mine, theirs = saved["scores"][cand], saved["scores"][DEFAULT_METHOD]
+                    same = bool(np.array_equal(mine, theirs))
+                    mf = matched_fpr(mine, theirs, saved["poisoned"].astype(bool),
+                                     METHODS[cand].k)
                     matched = f"{mf['fnr_baseline']:.3f} ({mf['k_baseline']:.1f})"
             held = a["dacc"] > b["dacc"]
             verdict = ("in sample" if in_sample else
                        "no test (attack did not take)" if not a["took"] else
-                       "holds" if held else "fails")
-            if not in_sample and a["took"]:
+                       f"no test (same scores as the default: {a['n_instances']} instance(s))"
+                       if same else "holds" if held else "fails")
+            if not in_sample and a["took"] and not same:
                 tally.append((held, a["auc"] > b["auc"]))
             lines.append(
                 f"| `{cand}` | {config} | {'in' if in_sample else 'out'} | "
@@ -264,9 +279,10 @@ def write_markdown(rows: list[dict]) -> None:
              "the other domains', Bonferroni-corrected, a rate at least twice theirs, stepped "
              "down: the domains called leave the baseline and the rest are tested again) the "
              "last column of the side-by-side table counts the attacker's domains found and "
-             "the benign domains called suspicious. (Rows before 2026-12-03 were made with a "
-             "one-pass binomial test; the present test gives the same counts on all 112 rows "
-             "whose per-sample scores are committed, 8 configurations.) In the harness's data "
+             "the benign domains called suspicious. (The rows were made with a one-pass binomial "
+             "test, the verdict before 2026-12-03; the present test gives the same counts on "
+             "all 140 rows whose per-sample scores are committed, 10 configurations: "
+             "`bench/experiments/domain_verdict_recheck.py`.) In the harness's data "
              "every poison sits on one of two attacker domains that hold nothing else, so the "
              "verdict measures whether the flagged set concentrates there, and gating the "
              "sample flags by it would reach FPR 0 by construction; it is not counted as "

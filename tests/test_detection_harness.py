@@ -48,9 +48,10 @@ def test_config_names_keep_their_rate_tags():
     assert replace(base, poison_rate=0.075).name.startswith("pe2-r7p5-")
 
 
-def _row(config, method, dacc, took=True, attack="pe2"):
+def _row(config, method, dacc, took=True, attack="pe2", n_instances=5):
     return {"config": config, "method": method, "attack": attack, "took": took,
-            "dacc": dacc, "fpr": 1 - dacc, "fnr": 1 - dacc, "auc": dacc}
+            "dacc": dacc, "fpr": 1 - dacc, "fnr": 1 - dacc, "auc": dacc,
+            "tp": round(500 * dacc), "fp": round(4500 * (1 - dacc)), "n_instances": n_instances}
 
 
 def test_summary_picks_the_best_worst_case_only_with_enough_configurations():
@@ -235,11 +236,14 @@ def test_preregistered_table_tests_only_runs_out_of_sample_where_the_attack_took
             _row("held", cand, 0.95), _row("held", default, 0.94),
             _row("failed", cand, 0.90), _row("failed", default, 0.94),
             _row("untaken", cand, 0.99, took=False), _row("untaken", default, 0.90, took=False),
-            _row("no-default", cand, 0.99)]
+            _row("no-default", cand, 0.99),
+            # one instance (PE-I): the candidate's scores are the default's, no test
+            _row("single", cand, 0.97, n_instances=1), _row("single", default, 0.97, n_instances=1)]
     lines = report.preregistered_lines(rows)
     verdict = {line.split(" | ")[1]: line.split(" | ")[-1].rstrip(" |")
                for line in lines if line.startswith(f"| `{cand}`")}
     assert verdict == {picked: "in sample", "held": "holds", "failed": "fails",
-                       "untaken": "no test (attack did not take)"}
+                       "untaken": "no test (attack did not take)",
+                       "single": "no test (same scores as the default: 1 instance(s))"}
     assert lines[-1].endswith("the prediction held on 1 of 2 runs; its AUC beat the "
                               "default's on 1 of 2.")
