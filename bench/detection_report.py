@@ -20,6 +20,7 @@ from detection import (  # bench/ is on sys.path when these run
     load_scores,
     summary,
 )
+from scipy.stats import spearmanr
 
 from ffengine.attacks.clip_attacks import CLIP_ATTACKS
 from ffengine.detect import flag
@@ -47,6 +48,9 @@ WHY_NOT_REACHED = [
     "0.75–0.80. The maximum over 16 draws does not change the order: at epoch 45 it gives "
     "poisons against clean trucks AUC 0.783 (0.947 at 75; seed 2, 5 instances; "
     "`bench/experiments/mid_checkpoint.py`).",
+]
+# ... (item 4, generated from the rows: strength_lines) ...
+WHY_TRIED = [
     "", "What this leaves: on seeds 1 and 2 (final checkpoint, max over draws, 5 instances) "
     "the best threshold anyone could pick with the labels in hand gives DACC 0.937 and 0.973; "
     "`last-max16x5-k6`'s MAD threshold gives 0.935 and 0.964. So the threshold is not what "
@@ -159,6 +163,34 @@ WHY_NOT_REACHED = [
 # looked at when it was picked (in sample); every other run it is measured on tests it
 PREREGISTERED = {"last-max16min5-k6": ("pe2-r10-s8-br-combined-t9-seed0-small-e75",
                                        "pe2-r10-s8-r-square-t9-seed0-small-e75")}
+
+
+def strength_lines(rows: list[dict]) -> list[str]:
+    """Item 4 of "why not reached": how the default's figures follow the backdoor's strength
+    (Spearman's rank correlation with ASR) over the SimCLR configurations where it took."""
+    took = sorted((r for r in rows if r["method"] == DEFAULT_METHOD and r["took"]
+                   and r.get("attack") not in CLIP_ATTACKS), key=lambda r: r["asr"])
+    if len(took) < 3:
+        return []
+    asr = [r["asr"] for r in took]
+    # a constant column has no rank correlation
+    rho = {k: (f"{spearmanr(asr, v).statistic:.2f}" if len(set(v)) > 1 and len(set(asr)) > 1
+               else "n/a")
+           for k, v in ((k, [r[k] for r in took])
+                        for k in ("auc", "dacc", "fnr_at_fpr_1pct", "fpr"))}
+    lo, hi = took[0], took[-1]
+    return [f"4. **Backdoor strength.** Over the {len(took)} SimCLR configurations where the "
+            f"attack took, `{DEFAULT_METHOD}` ranks the poisons better the stronger the "
+            f"backdoor: Spearman's ρ between the attack's success rate and the AUC "
+            f"{rho['auc']}, DACC {rho['dacc']}, FNR at 1% FPR "
+            f"{rho['fnr_at_fpr_1pct']}, but FPR {rho['fpr']} (the clean target-class "
+            f"images stay). The weakest ({lo['config']}, ASR {lo['asr']:.3f}) has AUC "
+            f"{lo['auc']:.3f} and FNR {lo['fnr']:.3f}, the strongest ({hi['config']}, ASR "
+            f"{hi['asr']:.3f}) AUC {hi['auc']:.3f} and FNR {hi['fnr']:.3f}. A correlation "
+            "noticed after the runs, on few points and two attacks, not a test; it suggests "
+            "that stronger backdoors (longer pre-training, larger models than here) would be "
+            "traced better, and it says nothing about the clean target-class false "
+            "positives."]
 
 
 def matched_fpr(candidate: np.ndarray, baseline: np.ndarray, poisoned: np.ndarray,
@@ -356,7 +388,7 @@ def write_markdown(rows: list[dict]) -> None:
               "resume (checkpoints now record the training seconds behind them). Domains: "
               "attacker domains called suspicious / all attacker domains, then benign domains "
               "called suspicious / all benign ones (— where the row predates the verdict).",
-              "", *WHY_NOT_REACHED, "", "Commands:", ""]
+              "", *WHY_NOT_REACHED, *strength_lines(rows), *WHY_TRIED, "", "Commands:", ""]
     for cmd in sorted({r["command"] for r in rows}):
         lines.append(f"* `{cmd}`")
     RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)

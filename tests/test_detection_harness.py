@@ -247,3 +247,21 @@ def test_preregistered_table_tests_only_runs_out_of_sample_where_the_attack_took
                        "single": "no test (same scores as the default: 1 instance(s))"}
     assert lines[-1].endswith("the prediction held on 1 of 2 runs; its AUC beat the "
                               "default's on 1 of 2.")
+
+
+def test_strength_lines_rank_the_default_over_simclr_configurations_that_took():
+    default = detection.DEFAULT_METHOD
+    rows = []
+    for i, asr in enumerate([0.55, 0.7, 0.8, 0.95]):
+        r = _row(f"c{i}", default, 0.90 + 0.02 * i)
+        r.update(asr=asr, auc=0.99 - 0.01 * i, fnr_at_fpr_1pct=0.1 * i, fpr=0.05)
+        rows.append(r)
+    # neither a run that did not take, nor CLIP, nor another method counts
+    rows += [dict(_row("weak", default, 0.5, took=False), asr=0.1, fnr_at_fpr_1pct=0.0),
+             dict(_row("clip", default, 0.1, attack="ct"), asr=0.99, fnr_at_fpr_1pct=1.0),
+             dict(_row("c0", "paper", 0.1), asr=0.55, fnr_at_fpr_1pct=1.0)]
+    (line,) = report.strength_lines(rows)
+    assert "Over the 4 SimCLR configurations" in line
+    assert "AUC -1.00, DACC 1.00, FNR at 1% FPR 1.00, but FPR n/a" in line
+    assert "The weakest (c0, ASR 0.550)" in line and "the strongest (c3, ASR 0.950)" in line
+    assert report.strength_lines(rows[:2]) == []  # too few points for a rank correlation
