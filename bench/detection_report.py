@@ -120,6 +120,15 @@ WHY_TRIED = [
     "against 0.897, 0.894, 0.947, 0.903) and the minimum and median lower it by up to 0.036. "
     "How the terms are reduced is saturated; the terms themselves rank some clean trucks "
     "above the poisons.",
+    "* the cosine gradient preconditioned by the final checkpoint's Adam state "
+    "(`bench/experiments/adam_precondition.py`, 2026-12-03, 8 draws, 5 instances, the seed-4 "
+    "and logo runs): under Adam a sample moves the parameters by about g / (sqrt(v̂) + ε), "
+    "so the cosine's first-order change is ⟨G / (sqrt(v̂) + ε), g⟩. In the head the Adam "
+    "denominators are nearly uniform (1st to 99th percentile within 3.4× on fc1, 1.9× on "
+    "fc2, seed 4), and the ranking barely moves, slightly down: AUC 0.978 → 0.976 and "
+    "0.983 → 0.982, against clean trucks 0.856 → 0.848 and 0.886 → 0.884, best-threshold "
+    "DACC 0.958 → 0.957 and 0.960 → 0.958 (its DACC at k = 6 rises by flagging less, as "
+    "the minimum's does). Not kept.",
     "* the instances' minimum instead of their mean (`--combine min`, method "
     "`last-max16min5-k6`; picked on 2026-12-02 after looking at the combined-pattern and "
     "random-location runs, the only ones with cached terms then, and pre-registered in "
