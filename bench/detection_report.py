@@ -31,9 +31,10 @@ from ffengine.methods import DEFAULT_CLIP_METHOD, DEFAULT_METHOD
 # all checkpoints, MAD k = 3), as ranges over its PE-I / PE-II rows.
 PAPER_ROW = {"dacc": "0.998–1.000", "fpr": "0.000–0.005", "fnr": "0.000–0.040"}
 
-# What limits detection here, and what was measured against it (the experiments are in
-# bench/experiments/, each re-runnable on the cached runs; figures from 2026-12-02 and earlier)
-WHY_NOT_REACHED = [
+# What limits detection here (items 1-3; item 4 is generated from the rows by strength_lines)
+# and what was measured against it (WHY_TRIED; the experiments are in bench/experiments/, each
+# re-runnable on the cached runs, with the date of its figures)
+WHY_CAUSES = [
     "## Why the paper's figures are not reached here", "",
     "1. **Crops.** A PoisonedEncoder poison raises the cosine only in augmentation draws whose "
     "two views fall on different halves of it, so one draw misses most poisons; the maximum "
@@ -49,7 +50,6 @@ WHY_NOT_REACHED = [
     "poisons against clean trucks AUC 0.783 (0.947 at 75; seed 2, 5 instances; "
     "`bench/experiments/mid_checkpoint.py`).",
 ]
-# ... (item 4, generated from the rows: strength_lines) ...
 WHY_TRIED = [
     "", "What this leaves: on seeds 1 and 2 (final checkpoint, max over draws, 5 instances) "
     "the best threshold anyone could pick with the labels in hand gives DACC 0.937 and 0.973; "
@@ -320,10 +320,11 @@ def write_markdown(rows: list[dict]) -> None:
              "the other domains', Bonferroni-corrected, a rate at least twice theirs, stepped "
              "down: the domains called leave the baseline and the rest are tested again) the "
              "last column of the side-by-side table counts the attacker's domains found and "
-             "the benign domains called suspicious. (The rows were made with a one-pass binomial "
-             "test, the verdict before 2026-12-03; the present test gives the same counts on "
-             "all 140 rows whose per-sample scores are committed, 10 configurations: "
-             "`bench/experiments/domain_verdict_recheck.py`.) In the harness's data "
+             "the benign domains called suspicious. (Rows made before 2026-12-03 07:00 UTC used "
+             "a one-pass binomial test; `bench/experiments/domain_verdict_recheck.py` "
+             "recomputes with the present test every row whose per-sample scores are "
+             "committed: on 2026-12-03 all 140 of them, 10 configurations, agreed.) In the "
+             "harness's data "
              "every poison sits on one of two attacker domains that hold nothing else, so the "
              "verdict measures whether the flagged set concentrates there, and gating the "
              "sample flags by it would reach FPR 0 by construction; it is not counted as "
@@ -397,7 +398,7 @@ def write_markdown(rows: list[dict]) -> None:
               "resume (checkpoints now record the training seconds behind them). Domains: "
               "attacker domains called suspicious / all attacker domains, then benign domains "
               "called suspicious / all benign ones (— where the row predates the verdict).",
-              "", *WHY_NOT_REACHED, *strength_lines(rows), *WHY_TRIED, "", "Commands:", ""]
+              "", *WHY_CAUSES, *strength_lines(rows), *WHY_TRIED, "", "Commands:", ""]
     for cmd in sorted({r["command"] for r in rows}):
         lines.append(f"* `{cmd}`")
     RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)
