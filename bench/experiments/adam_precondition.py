@@ -23,13 +23,13 @@ MAD k = 6 and the best threshold's DACC.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ffengine.attacks.poisoned_encoder import load_truth
 from ffengine.data.index import SampleIndex
 from ffengine.detect import flag
 from ffengine.engine.instance import load_instance
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     for config in a.configs:
         work = CACHE / config
-        truth = json.loads((work / "data" / "truth.json").read_text())
+        truth = load_truth(work / "data")
         index = SampleIndex(work / "data" / "index")
         poison = np.zeros(truth["n"], bool)
         poison[truth["poisoned_ids"]] = True

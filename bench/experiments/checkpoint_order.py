@@ -19,8 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ffengine.data.index import SampleIndex
-from ffengine.metrics import roc_auc
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from detection import load_results  # noqa: E402
+
+from ffengine.attacks.poisoned_encoder import load_truth  # noqa: E402
+from ffengine.data.index import SampleIndex  # noqa: E402
+from ffengine.metrics import roc_auc  # noqa: E402
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "detection"
 TRACES = ("v2-all-d1-ckpt15", "v2-all-d1")
@@ -32,15 +36,14 @@ def aucs(s: np.ndarray, poison: np.ndarray, target: np.ndarray) -> str:
 
 
 def main(configs: list[str]) -> None:
-    results = json.loads((CACHE.parents[1] / "results" / "detection.json").read_text())
-    took = sorted({r["config"] for r in results["rows"] if r["took"]})
+    took = sorted({r["config"] for r in load_results()["rows"] if r["took"]})
     for config in configs or took:
         work = CACHE / config
         tdir = next((work / "traces" / t for t in TRACES
                      if (work / "traces" / t / "terms.npy").exists()), None)
         if tdir is None:
             continue
-        truth = json.loads((work / "data" / "truth.json").read_text())
+        truth = load_truth(work / "data")
         labels = SampleIndex(work / "data" / "index").labels
         poison = np.zeros(truth["n"], bool)
         poison[truth["poisoned_ids"]] = True
