@@ -51,7 +51,7 @@ from ffengine.methods import METHODS as PRODUCT_METHODS
 from ffengine.metrics import detection_metrics
 from ffengine.pretrain.simclr import PretrainConfig, pretrain
 from ffengine.report import domain_table
-from ffengine.run import Run
+from ffengine.run import MANIFEST, Run
 from ffengine.trace import trace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +77,7 @@ class GridConfig:
     model: str = "small"
     epochs: int = 75
     # checkpoints are saved every 5 epochs (15 in all) for the paper's checkpoint-count
-    # ablation; every other trace uses the 5 at multiples of PAPER_CKPT_EVERY
+    # ablation; every other trace uses PAPER_N_CKPTS evenly spaced ones
     ckpt_every: int = 5
 
     @property
@@ -147,9 +147,10 @@ MIN_CONFIGS_FOR_DEFAULT = 2
 # change the SimCLR pick.
 MAX_FNR_FOR_DEFAULT = 0.9
 VARIANT_LAYERS = {"fc2": ("head.fc2",)}
-# "all" checkpoints means these 5 (epochs 15, 30, .., 75), as in the runs made before runs
-# saved every 5 epochs; the "ckpt15" variant sums all 15.
-PAPER_CKPT_EVERY = 15
+# "all" checkpoints means 5 evenly spaced ones (epochs 15, 30, .., 75 of a 75-epoch run, as in
+# the runs made before runs saved every 5 epochs; 30, 60, .., 150 of a 150-epoch run); the
+# "ckpt15" variant sums every saved one.
+PAPER_N_CKPTS = 5
 
 # The paper's ablations that need their own traces: Table 7's random reference input (x_r
 # optimized from uniform noise: Adam, lr 1e-3, 100 steps, maximizing the cosine to x_b) and
@@ -213,12 +214,20 @@ GRIDS = {
     # test method candidates out of sample (docs/PREREGISTRATION.md)
     "seeds": [replace(_base, seed=s) for s in (0, 1, 2, 3, 4)]
     + [replace(_base, target_class=c) for c in (0, 3)],
+    # backdoor strength (added 2026-12-03, docs/PREREGISTRATION.md): the two weakest cached
+    # runs that took, pre-trained to 150 epochs. The schedule is constant, so their first 75
+    # epochs are the 75-epoch runs', which they continue from (extend_shorter_run).
+    "longer": [replace(_base, trigger_shape=t, epochs=150) for t in ("logo", "combined")],
 }
 
 
 def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool) -> list[dict]:
     """Poison, pre-train, measure strength, find the instances, trace with every method."""
     work = cache / cfg.name
+    src = extend_shorter_run(cfg, cache)
+    if src is not None:
+        print(f"{cfg.name}: continuing from {src.name}'s finished run (same data, settings "
+              "and constant schedule, so its epochs are this run's first ones)", file=sys.stderr)
     prep = _prepare_clip if cfg.is_clip else _prepare_simclr
     index, run, strength, t_data, t_run = prep(cfg, work, progress)
     inst_dir = work / "instances"
@@ -401,7 +410,7 @@ def _prepare_clip(cfg: GridConfig, work: Path, progress: bool):
 
 def _checkpoint_epochs(run: Run, ckpts: str, variant: str,
                        cfg: GridConfig) -> str | list[int]:
-    """The epochs a trace sums: "all" is the 5 at multiples of PAPER_CKPT_EVERY, except in
+    """The epochs a trace sums: "all" is the PAPER_N_CKPTS evenly spaced ones, except in
     the "ckpt15" variant, which needs a run saved every 5 epochs, and for CLIP, whose runs
     save 5 checkpoints."""
     epochs = [c.epoch for c in run.checkpoints]
@@ -412,7 +421,8 @@ def _checkpoint_epochs(run: Run, ckpts: str, variant: str,
             raise ValueError(f"{run.path} has {len(epochs)} checkpoints; the ckpt15 ablation "
                              "needs a run saved every 5 epochs")
         return epochs
-    return [e for e in epochs if e % PAPER_CKPT_EVERY == 0]
+    every = max(cfg.epochs // PAPER_N_CKPTS, 1)
+    return [e for e in epochs if e % every == 0]
 
 
 def _optimized_instances(run: Run, instances: list, out: Path) -> tuple[list, list[str]]:
@@ -532,6 +542,44 @@ def _fpr_by_class(flagged: np.ndarray, truth: dict, labels: np.ndarray, target: 
     tgt, other = clean & (labels == target), clean & (labels != target) & (labels >= 0)
     return {"fpr_target": float(hit[tgt].mean()) if tgt.any() else None,
             "fpr_other": float(hit[other].mean()) if other.any() else None}
+
+
+def extend_shorter_run(cfg: GridConfig, cache: Path) -> Path | None:
+    """Seed ``cache/cfg.name`` with the longest finished shorter run of the same SimCLR
+    configuration, where one is cached and this one's directory does not exist yet: its data is copied,
+    its checkpoints are linked (they are never rewritten) and its manifest points at the
+    copied index, so pre-training resumes after its last epoch. Under a constant learning
+    rate (the harness's) epoch e's permutation, views and step depend only on the seed and e,
+    so the result is the run a fresh start would give (tests/test_pipeline.py). Returns the
+    source's work directory, or None where nothing was seeded."""
+    import os
+    import shutil
+
+    work = cache / cfg.name
+    if cfg.is_clip or work.exists():
+        return None
+    src = next((cache / replace(cfg, epochs=e).name for e in range(cfg.epochs - 1, 0, -1)
+                if _finished(cache / replace(cfg, epochs=e).name / "run", e)), None)
+    if src is None or not (src / "data" / "truth.json").exists():
+        return None
+    manifest = json.loads((src / "run" / MANIFEST).read_text())
+    if manifest["training"].get("schedule") != "constant":
+        return None  # a decaying rate depends on the total epochs: not a prefix
+    tmp = work.with_name(work.name + ".seeding")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src / "data", tmp / "data")
+    (tmp / "run").mkdir()
+    for f in (src / "run").iterdir():
+        if f.name != MANIFEST and f.is_file():
+            try:
+                os.link(f, tmp / "run" / f.name)
+            except OSError:  # another file system
+                shutil.copy2(f, tmp / "run" / f.name)
+    manifest["index"]["path"] = str(work / "data" / "index")  # as run_config opens it
+    manifest["extended_from"] = str(src.resolve() / "run")
+    atomic_write_json(tmp / "run" / MANIFEST, manifest)
+    tmp.rename(work)
+    return src
 
 
 def _finished(run_dir: Path, epochs: int) -> bool:

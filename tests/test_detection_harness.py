@@ -265,3 +265,82 @@ def test_strength_lines_rank_the_default_over_simclr_configurations_that_took():
     assert "AUC -1.00, DACC 1.00, FNR at 1% FPR 1.00, but FPR n/a" in line
     assert "The weakest (c0, ASR 0.550)" in line and "the strongest (c3, ASR 0.950)" in line
     assert report.strength_lines(rows[:2]) == []  # too few points for a rank correlation
+
+
+def test_paper_checkpoints_are_five_evenly_spaced_whatever_the_run_length():
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    def run(every, last):
+        return SimpleNamespace(checkpoints=[SimpleNamespace(epoch=e)
+                                            for e in range(every, last + 1, every)])
+
+    base = detection.GridConfig()
+    assert detection._checkpoint_epochs(run(5, 75), "all", "", base) == [15, 30, 45, 60, 75]
+    longer = replace(base, epochs=150)
+    assert detection._checkpoint_epochs(run(5, 150), "all", "", longer) == [30, 60, 90, 120, 150]
+    assert detection._checkpoint_epochs(run(5, 150), "last", "", longer) == "last"
+
+
+def test_a_longer_run_continues_a_shorter_one_and_equals_a_fresh_start(trace_setup, tmp_path):
+    """The "longer" grid continues finished shorter runs: with a constant learning rate the
+    continued run must be the one a fresh start trains, and the source stays untouched."""
+    import json
+    import os
+    import shutil
+    from dataclasses import replace
+
+    import torch
+    from safetensors.torch import load_file
+
+    from ffengine.data.index import SampleIndex
+    from ffengine.pretrain.simclr import PretrainConfig, pretrain
+
+    tiny = PretrainConfig(model="tiny", epochs=2, batch_size=32, ckpt_every=1, seed=5)
+    cfg = replace(detection.GridConfig(), epochs=3)
+    short = replace(cfg, epochs=2)
+    cache = tmp_path / "cache"
+    src = cache / short.name
+    shutil.copytree(trace_setup["root"] / "index", src / "data" / "index")
+    (src / "data" / "truth.json").write_text("{}")
+    pretrain(SampleIndex(src / "data" / "index"), src / "run", tiny, progress=False)
+    src_manifest = (src / "run" / "manifest.json").read_text()
+
+    assert detection.extend_shorter_run(replace(cfg, epochs=2), cache) is None  # exists
+    assert detection.extend_shorter_run(cfg, cache) == src
+    work = cache / cfg.name
+    continued = pretrain(SampleIndex(work / "data" / "index"), work / "run",
+                         replace(tiny, epochs=3), progress=False)
+    assert [c.epoch for c in continued.checkpoints] == [1, 2, 3]
+    assert continued.manifest["extended_from"] == str(src.resolve() / "run")
+    # the shorter run's checkpoints are shared, not copied, and its manifest is unchanged
+    assert os.path.samefile(src / "run" / "ckpt-0002.safetensors",
+                            work / "run" / "ckpt-0002.safetensors")
+    assert (src / "run" / "manifest.json").read_text() == src_manifest
+    assert json.loads(src_manifest)["training"]["epochs"] == 2
+    assert detection.extend_shorter_run(cfg, cache) is None  # started: never seeded twice
+
+    fresh = pretrain(SampleIndex(work / "data" / "index"), tmp_path / "fresh",
+                     replace(tiny, epochs=3), progress=False)
+    a = load_file(str(continued.checkpoints[-1].weights))
+    b = load_file(str(fresh.checkpoints[-1].weights))
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_decaying_schedule_is_never_continued(trace_setup, tmp_path):
+    import shutil
+    from dataclasses import replace
+
+    from ffengine.data.index import SampleIndex
+    from ffengine.pretrain.simclr import PretrainConfig, pretrain
+
+    cfg = replace(detection.GridConfig(), epochs=3)
+    src = tmp_path / replace(cfg, epochs=2).name
+    shutil.copytree(trace_setup["root"] / "index", src / "data" / "index")
+    (src / "data" / "truth.json").write_text("{}")
+    pretrain(SampleIndex(src / "data" / "index"), src / "run",
+             PretrainConfig(model="tiny", epochs=2, batch_size=32, ckpt_every=1, seed=5,
+                            schedule="cosine"), progress=False)
+    assert detection.extend_shorter_run(cfg, tmp_path) is None
+    assert not (tmp_path / cfg.name).exists()
