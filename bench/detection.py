@@ -546,12 +546,12 @@ def _fpr_by_class(flagged: np.ndarray, truth: dict, labels: np.ndarray, target: 
 
 def extend_shorter_run(cfg: GridConfig, cache: Path) -> Path | None:
     """Seed ``cache/cfg.name`` with the longest finished shorter run of the same SimCLR
-    configuration, where one is cached and this one's directory does not exist yet: its data is copied,
-    its checkpoints are linked (they are never rewritten) and its manifest points at the
-    copied index, so pre-training resumes after its last epoch. Under a constant learning
-    rate (the harness's) epoch e's permutation, views and step depend only on the seed and e,
-    so the result is the run a fresh start would give (tests/test_pipeline.py). Returns the
-    source's work directory, or None where nothing was seeded."""
+    configuration, where one is cached and this one's directory does not exist yet: its
+    data is copied, its checkpoints are linked (they are never rewritten) and its manifest
+    points at the copied index, so pre-training resumes after its last epoch. Under a
+    constant learning rate (the harness's) epoch e's permutation, views and step depend only
+    on the seed and e, so the result is the run a fresh start would give (a test checks
+    this). Returns the source's work directory, or None where nothing was seeded."""
     import os
     import shutil
 

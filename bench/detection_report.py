@@ -212,6 +212,66 @@ def strength_lines(rows: list[dict]) -> list[str]:
             "positives."]
 
 
+def _shorter_config(config: str, configs: set[str]) -> str | None:
+    """The same configuration pre-trained for fewer epochs, the longest such in ``configs``
+    (names end in ``-e<epochs>``)."""
+    stem, _, epochs = config.rpartition("-e")
+    if not epochs.isdigit():
+        return None
+    shorter = [(int(c.rpartition("-e")[2]), c) for c in configs
+               if c.rpartition("-e")[0] == stem and c.rpartition("-e")[2].isdigit()
+               and int(c.rpartition("-e")[2]) < int(epochs)]
+    return max(shorter)[1] if shorter else None
+
+
+def longer_lines(rows: list[dict]) -> list[str]:
+    """Pre-registered test 2 (docs/PREREGISTRATION.md): each run pre-trained longer against
+    the same configuration's shorter run, for the default, with the three predictions'
+    verdicts: a stronger backdoor (ASR), a better ranking (AUC up and FNR at 1% FPR down),
+    and the clean target-class false positives staying (FPR > 0.01, target-class FPR > 0.10)."""
+    by = {(r["config"], r["method"]): r for r in rows}
+    configs = {c for c, _ in by}
+    def length_order(c):
+        stem, _, e = c.rpartition("-e")
+        return (stem, int(e) if e.isdigit() else 0)
+
+    pairs = [(s, c) for c in sorted(configs, key=length_order)
+             if (s := _shorter_config(c, configs)) is not None
+             and (s, DEFAULT_METHOD) in by and (c, DEFAULT_METHOD) in by]
+    if not pairs:
+        return []
+    lines = ["## Longer pre-training (pre-registered test 2)", "",
+             "The same data, seed and settings pre-trained longer (the longer run continues "
+             "the shorter one: the learning rate is constant). Predictions written down in "
+             "`docs/PREREGISTRATION.md` before the longer runs started: (1) the backdoor is "
+             "stronger, (2) the default ranks the poisons better (higher AUC and lower FNR at "
+             "1% FPR), (3) the clean target-class images stay the false positives (FPR above "
+             "0.01 and above 0.10 among clean target-class images). Each cell: shorter → "
+             f"longer run, `{DEFAULT_METHOD}` (and `paper`'s AUC).", "",
+             "| config | epochs | ASR | AUC | FNR@1%FPR | DACC | FPR | FNR | FPR target | "
+             "`paper` AUC | (1) | (2) | (3) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def arrow(a, b, key, fmt="{:.3f}"):
+        va, vb = a.get(key), b.get(key)
+        return "n/a" if va is None or vb is None else f"{fmt.format(va)} → {fmt.format(vb)}"
+
+    for short, long in pairs:
+        a, b = by[(short, DEFAULT_METHOD)], by[(long, DEFAULT_METHOD)]
+        pa, pb = by.get((short, "paper")), by.get((long, "paper"))
+        v1 = b["asr"] > a["asr"]
+        v2 = b["auc"] > a["auc"] and b["fnr_at_fpr_1pct"] < a["fnr_at_fpr_1pct"]
+        v3 = b["fpr"] > 0.01 and (b.get("fpr_target") or 0) > 0.10
+        epochs = f"{short.rpartition('-e')[2]} → {long.rpartition('-e')[2]}"
+        paper = "n/a" if pa is None or pb is None else arrow(pa, pb, "auc")
+        lines.append(f"| {long.rpartition('-e')[0]} | {epochs} | {arrow(a, b, 'asr')} | "
+                     f"{arrow(a, b, 'auc')} | {arrow(a, b, 'fnr_at_fpr_1pct')} | "
+                     f"{arrow(a, b, 'dacc')} | {arrow(a, b, 'fpr')} | {arrow(a, b, 'fnr')} | "
+                     f"{arrow(a, b, 'fpr_target')} | {paper} | "
+                     + " | ".join("holds" if v else "fails" for v in (v1, v2, v3)) + " |")
+    return lines
+
+
 def matched_fpr(candidate: np.ndarray, baseline: np.ndarray, poisoned: np.ndarray,
                 k: float) -> dict:
     """The candidate's FPR and FNR under MAD with ``k``, and the baseline's FNR and MAD
@@ -366,6 +426,8 @@ def write_markdown(rows: list[dict]) -> None:
         lines.append(f"| {c} | {paper} | {cells[0]} | {cells[1]} | {doms} |")
     lines += ["", *coverage_lines(rows)]
     lines += ["", *preregistered_lines(rows)]
+    if longer := longer_lines(rows):
+        lines += ["", *longer]
     lines += ["", "## Methods", "", "| method | what it does |", "|---|---|"]
     notes = {"optref": "; x_r optimized from noise (Table 7)",
              "fc2": "; only head.fc2 scored",

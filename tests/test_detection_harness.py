@@ -344,3 +344,27 @@ def test_a_decaying_schedule_is_never_continued(trace_setup, tmp_path):
                             schedule="cosine"), progress=False)
     assert detection.extend_shorter_run(cfg, tmp_path) is None
     assert not (tmp_path / cfg.name).exists()
+
+
+def test_longer_lines_pair_each_longer_run_with_its_shorter_one_and_judge_the_predictions():
+    def row(config, method, asr, auc, fnr1, fpr, fpr_target):
+        return {"config": config, "method": method, "asr": asr, "auc": auc,
+                "fnr_at_fpr_1pct": fnr1, "dacc": 0.9, "fpr": fpr, "fnr": 0.1,
+                "fpr_target": fpr_target}
+
+    d = detection.DEFAULT_METHOD
+    rows = [row("x-e75", d, 0.6, 0.98, 0.3, 0.06, 0.4),
+            row("x-e150", d, 0.8, 0.99, 0.2, 0.05, 0.3),
+            row("x-e30", d, 0.1, 0.5, 0.9, 0.2, 0.5),  # each run pairs with the next shorter
+            row("y-e75", d, 0.7, 0.98, 0.3, 0.06, 0.4),
+            row("y-e150", d, 0.6, 0.99, 0.4, 0.005, 0.4),
+            row("z-e75", d, 0.7, 0.98, 0.3, 0.06, 0.4)]  # no longer run: no line
+    lines = report.longer_lines(rows)
+    body = [ln for ln in lines if ln.startswith("| x |") or ln.startswith("| y |")]
+    assert len(body) == 3 and not any(ln.startswith("| z") for ln in lines)
+    x30, x, y = body
+    assert "30 → 75" in x30 and "0.100 → 0.600" in x30
+    assert "75 → 150" in x and "0.600 → 0.800" in x and x.endswith("| holds | holds | holds |")
+    # y: weaker backdoor, FNR at 1% FPR up, FPR under the paper's bound: all three fail
+    assert y.endswith("| fails | fails | fails |")
+    assert report.longer_lines([r for r in rows if r["config"].endswith("-e75")]) == []
