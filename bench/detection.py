@@ -576,6 +576,11 @@ def extend_shorter_run(cfg: GridConfig, cache: Path) -> Path | None:
             except OSError:  # another file system
                 shutil.copy2(f, tmp / "run" / f.name)
     manifest["index"]["path"] = str(work / "data" / "index")  # as run_config opens it
+    last = manifest["checkpoints"][-1]
+    if last.get("train_s") is None and (src / "times.json").exists():
+        # runs from before checkpoints recorded their training seconds: the source's total,
+        # so that the continued run's seconds count its first epochs too
+        last["train_s"] = json.loads((src / "times.json").read_text()).get("pretrain_s")
     manifest["extended_from"] = str(src.resolve() / "run")
     atomic_write_json(tmp / "run" / MANIFEST, manifest)
     tmp.rename(work)

@@ -368,3 +368,31 @@ def test_longer_lines_pair_each_longer_run_with_its_shorter_one_and_judge_the_pr
     # y: weaker backdoor, FNR at 1% FPR up, FPR under the paper's bound: all three fail
     assert y.endswith("| fails | fails | fails |")
     assert report.longer_lines([r for r in rows if r["config"].endswith("-e75")]) == []
+
+
+def test_a_continued_run_counts_the_training_seconds_of_an_older_source(trace_setup, tmp_path):
+    """Runs made before checkpoints recorded their training seconds have them only in the
+    harness's times.json: the continued run starts its count from there."""
+    import json
+    import shutil
+    from dataclasses import replace
+
+    from ffengine.data.index import SampleIndex
+    from ffengine.pretrain.simclr import PretrainConfig, pretrain
+
+    cfg = replace(detection.GridConfig(), epochs=3)
+    src = tmp_path / replace(cfg, epochs=2).name
+    shutil.copytree(trace_setup["root"] / "index", src / "data" / "index")
+    (src / "data" / "truth.json").write_text("{}")
+    pretrain(SampleIndex(src / "data" / "index"), src / "run",
+             PretrainConfig(model="tiny", epochs=2, batch_size=32, ckpt_every=1, seed=5),
+             progress=False)
+    manifest = json.loads((src / "run" / "manifest.json").read_text())
+    for c in manifest["checkpoints"]:
+        del c["train_s"]
+    (src / "run" / "manifest.json").write_text(json.dumps(manifest))
+    (src / "times.json").write_text(json.dumps({"pretrain_s": 1234.5}))
+    assert detection.extend_shorter_run(cfg, tmp_path) == src
+    seeded = json.loads((tmp_path / cfg.name / "run" / "manifest.json").read_text())
+    assert seeded["checkpoints"][-1]["train_s"] == 1234.5
+    assert "train_s" not in seeded["checkpoints"][0]
