@@ -180,7 +180,9 @@ WHY_TRIED = [
 
 # Method candidates pre-registered in docs/PREREGISTRATION.md: each with the configurations
 # looked at when it was picked (in sample); every other run it is measured on tests it
+# (a longer run continued from an in-sample one is in sample too: its first epochs were seen)
 PREREGISTERED = {"last-max16min5-k6": ("pe2-r10-s8-br-combined-t9-seed0-small-e75",
+                                       "pe2-r10-s8-br-combined-t9-seed0-small-e150",
                                        "pe2-r10-s8-r-square-t9-seed0-small-e75")}
 
 
@@ -209,7 +211,8 @@ def strength_lines(rows: list[dict]) -> list[str]:
             "noticed after the runs, on few points and two attacks, not a test; it suggests "
             "that stronger backdoors (longer pre-training, larger models than here) would be "
             "traced better, and it says nothing about the clean target-class false "
-            "positives."]
+            "positives. Pre-registered test 2 (section \"Longer pre-training\") tests it "
+            "within configurations."]
 
 
 def _shorter_config(config: str, configs: set[str]) -> str | None:
@@ -467,7 +470,9 @@ def write_markdown(rows: list[dict]) -> None:
               "cache), not those of a later command that re-scored the cached terms; rows "
               "re-scored before 2026-12-02 show 0, and a pre-training started before "
               "2026-12-03 and resumed after an interruption counts only the part after the "
-              "resume (checkpoints now record the training seconds behind them). Domains: "
+              "resume (checkpoints now record the training seconds behind them); the two 150-epoch "
+              "runs count epochs 76–150 only (their 75-epoch sources predate the recorded "
+              "seconds). Domains: "
               "attacker domains called suspicious / all attacker domains, then benign domains "
               "called suspicious / all benign ones (— where the row predates the verdict).",
               "", *WHY_CAUSES, *strength_lines(rows), *WHY_TRIED, "", "Commands:", ""]
