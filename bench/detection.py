@@ -356,11 +356,7 @@ def _prepare_simclr(cfg: GridConfig, work: Path, progress: bool):
         demo_index("train"), demo_index("aux"), out, acfg), pretrain, pcfg, progress)
 
     def measure():
-        trig = None
-        if (work / "data" / "trigger.png").exists():
-            from PIL import Image
-
-            trig = np.array(Image.open(work / "data" / "trigger.png").convert("RGB"))
+        trig = trigger_image(work)
         model = run.load_model(run.checkpoints[-1])
         bank, test = demo_index("train"), demo_index("test")
         knn = knn_bank(model, bank)
@@ -370,6 +366,16 @@ def _prepare_simclr(cfg: GridConfig, work: Path, progress: bool):
                                trigger_label=truth.get("pe1_trigger_label")))
 
     return index, run, _cached_strength_and_instances(work, measure), t_data, t_run
+
+
+def trigger_image(work: Path) -> np.ndarray | None:
+    """The attack's trigger image where it has one (PE-I), as the poisoning saved it."""
+    path = work / "data" / "trigger.png"
+    if not path.exists():
+        return None
+    from PIL import Image
+
+    return np.array(Image.open(path).convert("RGB"))
 
 
 def _cached_strength_and_instances(work: Path, measure) -> dict:

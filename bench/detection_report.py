@@ -234,6 +234,7 @@ def longer_lines(rows: list[dict]) -> list[str]:
     and the clean target-class false positives staying (FPR > 0.01, target-class FPR > 0.10)."""
     by = {(r["config"], r["method"]): r for r in rows}
     configs = {c for c, _ in by}
+
     def length_order(c):
         stem, _, e = c.rpartition("-e")
         return (stem, int(e) if e.isdigit() else 0)

@@ -15,10 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from detection import GRIDS  # noqa: E402
+from detection import GRIDS, trigger_image  # noqa: E402
 
 from ffengine.data.demo_data import demo_index  # noqa: E402
 from ffengine.engine.backdoor import backdoor_strength, knn_bank  # noqa: E402
@@ -30,11 +28,7 @@ CACHE = Path(__file__).resolve().parents[1] / ".cache" / "detection"
 def trajectory(config: str, every: int, after: int = 0) -> list[tuple[int, float, float]]:
     cfg = next(c for g in GRIDS.values() for c in g if c.name == config)
     work = CACHE / config
-    trig = None
-    if (work / "data" / "trigger.png").exists():
-        from PIL import Image
-
-        trig = np.array(Image.open(work / "data" / "trigger.png").convert("RGB"))
+    trig = trigger_image(work)
     run = Run(work / "run")
     bank, test = demo_index("train"), demo_index("test")
     out = []
