@@ -215,15 +215,20 @@ def strength_lines(rows: list[dict]) -> list[str]:
             "within configurations."]
 
 
-def _shorter_config(config: str, configs: set[str]) -> str | None:
-    """The same configuration pre-trained for fewer epochs, the longest such in ``configs``
-    (names end in ``-e<epochs>``)."""
+def _length(config: str) -> tuple[str, int | None]:
+    """A configuration name split into its stem and its epoch count (names end in
+    ``-e<epochs>``; None where one does not)."""
     stem, _, epochs = config.rpartition("-e")
-    if not epochs.isdigit():
+    return (stem, int(epochs)) if epochs.isdigit() else (config, None)
+
+
+def _shorter_config(config: str, configs: set[str]) -> str | None:
+    """The same configuration pre-trained for fewer epochs, the longest such in ``configs``."""
+    stem, epochs = _length(config)
+    if epochs is None:
         return None
-    shorter = [(int(c.rpartition("-e")[2]), c) for c in configs
-               if c.rpartition("-e")[0] == stem and c.rpartition("-e")[2].isdigit()
-               and int(c.rpartition("-e")[2]) < int(epochs)]
+    shorter = [(e, c) for c, (st, e) in ((c, _length(c)) for c in configs)
+               if st == stem and e is not None and e < epochs]
     return max(shorter)[1] if shorter else None
 
 
@@ -234,12 +239,7 @@ def longer_lines(rows: list[dict]) -> list[str]:
     and the clean target-class false positives staying (FPR > 0.01, target-class FPR > 0.10)."""
     by = {(r["config"], r["method"]): r for r in rows}
     configs = {c for c, _ in by}
-
-    def length_order(c):
-        stem, _, e = c.rpartition("-e")
-        return (stem, int(e) if e.isdigit() else 0)
-
-    pairs = [(s, c) for c in sorted(configs, key=length_order)
+    pairs = [(s, c) for c in sorted(configs, key=lambda c: (_length(c)[0], _length(c)[1] or 0))
              if (s := _shorter_config(c, configs)) is not None
              and (s, DEFAULT_METHOD) in by and (c, DEFAULT_METHOD) in by]
     if not pairs:
@@ -266,9 +266,9 @@ def longer_lines(rows: list[dict]) -> list[str]:
         v1 = b["asr"] > a["asr"]
         v2 = b["auc"] > a["auc"] and b["fnr_at_fpr_1pct"] < a["fnr_at_fpr_1pct"]
         v3 = b["fpr"] > 0.01 and (b.get("fpr_target") or 0) > 0.10
-        epochs = f"{short.rpartition('-e')[2]} → {long.rpartition('-e')[2]}"
+        epochs = f"{_length(short)[1]} → {_length(long)[1]}"
         paper = "n/a" if pa is None or pb is None else arrow(pa, pb, "auc")
-        lines.append(f"| {long.rpartition('-e')[0]} | {epochs} | {arrow(a, b, 'asr')} | "
+        lines.append(f"| {_length(long)[0]} | {epochs} | {arrow(a, b, 'asr')} | "
                      f"{arrow(a, b, 'auc')} | {arrow(a, b, 'fnr_at_fpr_1pct')} | "
                      f"{arrow(a, b, 'dacc')} | {arrow(a, b, 'fpr')} | {arrow(a, b, 'fnr')} | "
                      f"{arrow(a, b, 'fpr_target')} | {paper} | "

@@ -282,28 +282,46 @@ def test_paper_checkpoints_are_five_evenly_spaced_whatever_the_run_length():
     assert detection._checkpoint_epochs(run(5, 150), "last", "", longer) == "last"
 
 
+def _shorter_source(trace_setup, cache, cfg, **pretrain_settings):
+    """A finished 2-epoch harness run of ``cfg`` in ``cache`` (tiny model, the trace fixture's
+    images), to be continued to ``cfg.epochs``; returns its work directory."""
+    import shutil
+    from dataclasses import replace
+
+    from ffengine.data.index import SampleIndex
+    from ffengine.pretrain.simclr import pretrain
+
+    src = cache / replace(cfg, epochs=2).name
+    shutil.copytree(trace_setup["root"] / "index", src / "data" / "index")
+    (src / "data" / "truth.json").write_text("{}")
+    pretrain(SampleIndex(src / "data" / "index"), src / "run",
+             replace(_tiny(), **pretrain_settings), progress=False)
+    return src
+
+
+def _tiny():
+    from ffengine.pretrain.simclr import PretrainConfig
+
+    return PretrainConfig(model="tiny", epochs=2, batch_size=32, ckpt_every=1, seed=5)
+
+
 def test_a_longer_run_continues_a_shorter_one_and_equals_a_fresh_start(trace_setup, tmp_path):
     """The "longer" grid continues finished shorter runs: with a constant learning rate the
     continued run must be the one a fresh start trains, and the source stays untouched."""
     import json
     import os
-    import shutil
     from dataclasses import replace
 
     import torch
     from safetensors.torch import load_file
 
     from ffengine.data.index import SampleIndex
-    from ffengine.pretrain.simclr import PretrainConfig, pretrain
+    from ffengine.pretrain.simclr import pretrain
 
-    tiny = PretrainConfig(model="tiny", epochs=2, batch_size=32, ckpt_every=1, seed=5)
     cfg = replace(detection.GridConfig(), epochs=3)
-    short = replace(cfg, epochs=2)
     cache = tmp_path / "cache"
-    src = cache / short.name
-    shutil.copytree(trace_setup["root"] / "index", src / "data" / "index")
-    (src / "data" / "truth.json").write_text("{}")
-    pretrain(SampleIndex(src / "data" / "index"), src / "run", tiny, progress=False)
+    src = _shorter_source(trace_setup, cache, cfg)
+    tiny = _tiny()
     src_manifest = (src / "run" / "manifest.json").read_text()
 
     assert detection.extend_shorter_run(replace(cfg, epochs=2), cache) is None  # exists
@@ -329,19 +347,10 @@ def test_a_longer_run_continues_a_shorter_one_and_equals_a_fresh_start(trace_set
 
 
 def test_a_decaying_schedule_is_never_continued(trace_setup, tmp_path):
-    import shutil
     from dataclasses import replace
 
-    from ffengine.data.index import SampleIndex
-    from ffengine.pretrain.simclr import PretrainConfig, pretrain
-
     cfg = replace(detection.GridConfig(), epochs=3)
-    src = tmp_path / replace(cfg, epochs=2).name
-    shutil.copytree(trace_setup["root"] / "index", src / "data" / "index")
-    (src / "data" / "truth.json").write_text("{}")
-    pretrain(SampleIndex(src / "data" / "index"), src / "run",
-             PretrainConfig(model="tiny", epochs=2, batch_size=32, ckpt_every=1, seed=5,
-                            schedule="cosine"), progress=False)
+    _shorter_source(trace_setup, tmp_path, cfg, schedule="cosine")
     assert detection.extend_shorter_run(cfg, tmp_path) is None
     assert not (tmp_path / cfg.name).exists()
 
@@ -374,19 +383,10 @@ def test_a_continued_run_counts_the_training_seconds_of_an_older_source(trace_se
     """Runs made before checkpoints recorded their training seconds have them only in the
     harness's times.json: the continued run starts its count from there."""
     import json
-    import shutil
     from dataclasses import replace
 
-    from ffengine.data.index import SampleIndex
-    from ffengine.pretrain.simclr import PretrainConfig, pretrain
-
     cfg = replace(detection.GridConfig(), epochs=3)
-    src = tmp_path / replace(cfg, epochs=2).name
-    shutil.copytree(trace_setup["root"] / "index", src / "data" / "index")
-    (src / "data" / "truth.json").write_text("{}")
-    pretrain(SampleIndex(src / "data" / "index"), src / "run",
-             PretrainConfig(model="tiny", epochs=2, batch_size=32, ckpt_every=1, seed=5),
-             progress=False)
+    src = _shorter_source(trace_setup, tmp_path, cfg)
     manifest = json.loads((src / "run" / "manifest.json").read_text())
     for c in manifest["checkpoints"]:
         del c["train_s"]
