@@ -182,6 +182,11 @@ METHODS = {
     # measured on the runs traced after that (docs/RESULTS.md)
     "last-max16min5-k6": Method(checkpoints="last", draws=16, aggregate="max", instances=5,
                                 k=6.0, combine="min"),
+    # the default's scores with MAD k = 9: the best worst-case DACC over k = 3..15 on the 8
+    # runs that took with committed per-sample scores (in sample there), pre-registered on
+    # 2026-12-03 for the runs traced after it (docs/PREREGISTRATION.md, entry 3)
+    "last-max16x5-k9": Method(checkpoints="last", draws=16, aggregate="max", instances=5,
+                              k=9.0),
     **{name: m for group in ABLATIONS.values() for name, m in group.items()},
 }
 
@@ -217,7 +222,9 @@ GRIDS = {
     # backdoor strength (added 2026-12-03, docs/PREREGISTRATION.md): the two weakest cached
     # runs that took, pre-trained to 150 epochs. The schedule is constant, so their first 75
     # epochs are the 75-epoch runs', which they continue from (extend_shorter_run).
-    "longer": [replace(_base, trigger_shape=t, epochs=150) for t in ("logo", "combined")],
+    # Seed 3's square-trigger run joined it on 2026-12-03 (entry 3), a third configuration.
+    "longer": [replace(_base, trigger_shape=t, epochs=150) for t in ("logo", "combined")]
+    + [replace(_base, seed=3, epochs=150)],
 }
 
 
