@@ -5,6 +5,8 @@ method's worst case and every row, and why the paper's figures are not reached h
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import numpy as np
 from detection import (  # bench/ is on sys.path when these run
     GRIDS,
@@ -178,12 +180,30 @@ WHY_TRIED = [
 ]
 
 
-# Method candidates pre-registered in docs/PREREGISTRATION.md: each with the configurations
-# looked at when it was picked (in sample); every other run it is measured on tests it
-# (a longer run continued from an in-sample one is in sample too: its first epochs were seen)
-PREREGISTERED = {"last-max16min5-k6": ("pe2-r10-s8-br-combined-t9-seed0-small-e75",
-                                       "pe2-r10-s8-br-combined-t9-seed0-small-e150",
-                                       "pe2-r10-s8-r-square-t9-seed0-small-e75")}
+# Method candidates pre-registered in docs/PREREGISTRATION.md, each with the configurations
+# looked at when it was picked (in sample; every other run it is measured on tests it; a
+# longer run continued from an in-sample one is in sample too: its first epochs were seen)
+# and its prediction: a DACC higher than the default's, or (``at_least``) at least as high
+
+
+@dataclass(frozen=True)
+class Candidate:
+    picked_on: tuple[str, ...]
+    at_least: bool = False
+
+
+PREREGISTERED = {
+    # entry 1
+    "last-max16min5-k6": Candidate(("pe2-r10-s8-br-combined-t9-seed0-small-e75",
+                                    "pe2-r10-s8-br-combined-t9-seed0-small-e150",
+                                    "pe2-r10-s8-r-square-t9-seed0-small-e75")),
+    # entry 3: k picked on the 8 runs that took with committed scores
+    "last-max16x5-k9": Candidate(tuple(f"pe2-r10-s8-{c}-small-e{e}" for c, e in (
+        ("br-combined-t9-seed0", 75), ("br-combined-t9-seed0", 150),
+        ("br-logo-t9-seed0", 75), ("br-logo-t9-seed0", 150), ("br-square-t9-seed3", 75),
+        ("br-square-t9-seed4", 75), ("r-square-t9-seed0", 75)))
+        + ("pe1-r20-s8-br-square-t9-seed0-small-e75",), at_least=True),
+}
 
 
 def strength_lines(rows: list[dict]) -> list[str]:
@@ -296,54 +316,59 @@ def matched_fpr(candidate: np.ndarray, baseline: np.ndarray, poisoned: np.ndarra
 def preregistered_lines(rows: list[dict]) -> list[str]:
     """One table row per run each pre-registered candidate was measured on, against the
     default: in or out of sample, both methods' figures, the default's FNR at the candidate's
-    FPR (from the committed per-sample scores), and whether the prediction (a higher DACC
-    than the default where the attack took) held."""
+    FPR (from the committed per-sample scores), and whether the prediction (a DACC higher
+    than the default's, or at least as high, where the attack took) held."""
     by = {(r["config"], r["method"]): r for r in rows}
     lines = ["## Pre-registered candidates", "",
              "Each candidate in `docs/PREREGISTRATION.md` against the default "
              f"`{DEFAULT_METHOD}` on every run it was measured on. In sample: the runs looked at "
              "when it was picked; every other run is a test. Prediction: a higher DACC than the "
-             "default on every out-of-sample run where the attack took. Default at the same FPR: "
+             "default (at least as high, for a candidate marked ≥) on every out-of-sample run "
+             "where the attack took. Default at the same FPR: "
              "the default's FNR with its threshold moved to the candidate's FPR, and the MAD k "
-             "that gives it (`bench/experiments/min_vs_mean_k.py`).", "",
-             "| candidate | config | sample | took | DACC (cand. / default) | FPR | FNR | AUC | "
-             "default at the same FPR: FNR (k) | prediction |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for cand, picked_on in PREREGISTERED.items():
+             "that gives it (`bench/experiments/min_vs_mean_k.py`).", ""]
+    for cand, spec in PREREGISTERED.items():
+        lines += ["| candidate | config | sample | took | DACC (cand. / default) | FPR | FNR | "
+                  "AUC | default at the same FPR: FNR (k) | prediction |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        # a candidate that only moves the default's threshold ranks as the default does
+        same_ranking = replace(METHODS[cand], k=METHODS[DEFAULT_METHOD].k) == METHODS[
+            DEFAULT_METHOD]
         tally = []
         for config in sorted({c for c, m in by if m == cand}):
             a, b = by[(config, cand)], by.get((config, DEFAULT_METHOD))
             if b is None:
                 continue
-            in_sample = config in picked_on
-            matched = "n/a"
-            # a run where the candidate scores exactly as the default (PE-I has one
-            # instance, so the instances' minimum is their mean) cannot test it
-            same = all(a[key] == b[key] for key in ("tp", "fp", "auc"))
-            if (SCORES_DIR / f"{config}.npz").exists():
+            in_sample = config in spec.picked_on
+            # (moving the default's threshold to a threshold candidate's FPR gives it back)
+            matched = "same scores" if same_ranking else "n/a"
+            if not same_ranking and (SCORES_DIR / f"{config}.npz").exists():
                 saved = load_scores(config)
                 if {cand, DEFAULT_METHOD} <= set(saved["scores"]):
-                    mine, theirs = saved["scores"][cand], saved["scores"][DEFAULT_METHOD]
-                    same = bool(np.array_equal(mine, theirs))
-                    mf = matched_fpr(mine, theirs, saved["poisoned"].astype(bool),
-                                     METHODS[cand].k)
+                    mf = matched_fpr(saved["scores"][cand], saved["scores"][DEFAULT_METHOD],
+                                     saved["poisoned"].astype(bool), METHODS[cand].k)
                     matched = f"{mf['fnr_baseline']:.3f} ({mf['k_baseline']:.1f})"
-            held = a["dacc"] > b["dacc"]
+            # a run where the candidate flags exactly what the default flags (PE-I has one
+            # instance, so there the instances' minimum is their mean) cannot test it
+            same = a["tp"] == b["tp"] and a["fp"] == b["fp"] and a["auc"] == b["auc"]
+            held = a["dacc"] >= b["dacc"] if spec.at_least else a["dacc"] > b["dacc"]
             verdict = ("in sample" if in_sample else
                        "no test (attack did not take)" if not a["took"] else
-                       f"no test (same scores as the default: {a['n_instances']} instance(s))"
-                       if same else "holds" if held else "fails")
+                       f"no test (flags what the default flags: {a['n_instances']} "
+                       "instance(s))" if same else "holds" if held else "fails")
             if not in_sample and a["took"] and not same:
                 tally.append((held, a["auc"] > b["auc"]))
             lines.append(
-                f"| `{cand}` | {config} | {'in' if in_sample else 'out'} | "
+                f"| `{cand}`{' ≥' if spec.at_least else ''} | {config} | "
+                f"{'in' if in_sample else 'out'} | "
                 f"{'yes' if a['took'] else 'no'} | {a['dacc']:.3f} / {b['dacc']:.3f} | "
                 f"{a['fpr']:.3f} / {b['fpr']:.3f} | {a['fnr']:.3f} / {b['fnr']:.3f} | "
                 f"{a['auc']:.3f} / {b['auc']:.3f} | {matched} | {verdict} |")
+        auc = ("its scores are the default's (only k differs)" if same_ranking else
+               f"its AUC beat the default's on {sum(u for _, u in tally)} of {len(tally)}")
         lines += ["", f"`{cand}` out of sample where the attack took: the prediction held on "
-                  f"{sum(h for h, _ in tally)} of {len(tally)} runs; its AUC beat the "
-                  f"default's on {sum(u for _, u in tally)} of {len(tally)}."]
-    return lines
+                  f"{sum(h for h, _ in tally)} of {len(tally)} runs; {auc}.", ""]
+    return lines[:-1]
 
 
 def write_markdown(rows: list[dict]) -> None:

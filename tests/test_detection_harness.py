@@ -228,25 +228,52 @@ def test_matched_fpr_moves_the_baseline_threshold_to_the_candidates_fpr():
     assert got["fnr_baseline"] == pytest.approx((base[poisoned] <= thr).mean())
 
 
+def _preregistered_verdicts(cand, rows):
+    lines = report.preregistered_lines(rows)
+    verdict = {line.split(" | ")[1]: line.split(" | ")[-1].rstrip(" |")
+               for line in lines if line.startswith(f"| `{cand}`")}
+    tally = next(line for line in lines if line.startswith(f"`{cand}` out of sample"))
+    return verdict, tally
+
+
 def test_preregistered_table_tests_only_runs_out_of_sample_where_the_attack_took():
-    cand = next(iter(report.PREREGISTERED))
-    picked = report.PREREGISTERED[cand][0]
+    cand = "last-max16min5-k6"
+    picked = report.PREREGISTERED[cand].picked_on[0]
     default = detection.DEFAULT_METHOD
     rows = [_row(picked, cand, 0.96), _row(picked, default, 0.93),
             _row("held", cand, 0.95), _row("held", default, 0.94),
             _row("failed", cand, 0.90), _row("failed", default, 0.94),
+            _row("tied", cand, 0.94), dict(_row("tied", default, 0.94), tp=1),
             _row("untaken", cand, 0.99, took=False), _row("untaken", default, 0.90, took=False),
             _row("no-default", cand, 0.99),
             # one instance (PE-I): the candidate's scores are the default's, no test
             _row("single", cand, 0.97, n_instances=1), _row("single", default, 0.97, n_instances=1)]
-    lines = report.preregistered_lines(rows)
-    verdict = {line.split(" | ")[1]: line.split(" | ")[-1].rstrip(" |")
-               for line in lines if line.startswith(f"| `{cand}`")}
-    assert verdict == {picked: "in sample", "held": "holds", "failed": "fails",
+    verdict, tally = _preregistered_verdicts(cand, rows)
+    # its prediction is a strictly higher DACC: a tie fails it
+    assert verdict == {picked: "in sample", "held": "holds", "failed": "fails", "tied": "fails",
                        "untaken": "no test (attack did not take)",
-                       "single": "no test (same scores as the default: 1 instance(s))"}
-    assert lines[-1].endswith("the prediction held on 1 of 2 runs; its AUC beat the "
-                              "default's on 1 of 2.")
+                       "single": "no test (flags what the default flags: 1 instance(s))"}
+    assert tally.endswith("the prediction held on 1 of 3 runs; its AUC beat the "
+                          "default's on 1 of 3.")
+
+
+def test_a_threshold_candidate_predicts_a_dacc_at_least_the_defaults_on_the_same_scores():
+    cand = "last-max16x5-k9"
+    assert detection.METHODS[cand].k == 9.0 and report.PREREGISTERED[cand].at_least
+    picked = report.PREREGISTERED[cand].picked_on
+    assert len(picked) == 8 and len(set(picked)) == 8
+    default = detection.DEFAULT_METHOD
+
+    def same_scores(config, method, dacc):  # the same ranking, another threshold
+        return dict(_row(config, method, dacc), auc=0.98)
+
+    rows = [same_scores("higher", cand, 0.96), same_scores("higher", default, 0.94),
+            dict(same_scores("tied", cand, 0.94), tp=1), same_scores("tied", default, 0.94),
+            same_scores("lower", cand, 0.92), same_scores("lower", default, 0.94)]
+    verdict, tally = _preregistered_verdicts(cand, rows)
+    assert verdict == {"higher": "holds", "tied": "holds", "lower": "fails"}
+    assert tally.endswith("the prediction held on 2 of 3 runs; its scores are the default's "
+                          "(only k differs).")
 
 
 def test_strength_lines_rank_the_default_over_simclr_configurations_that_took():
