@@ -136,16 +136,33 @@ WHY_TRIED = [
     "random-location runs, the only ones with cached terms then, and pre-registered in "
     "docs/PREREGISTRATION.md before the next runs were traced; every run it was measured on "
     "is in the table \"Pre-registered candidates\" above). Its prediction, a higher DACC "
-    "than the default wherever the attack takes, has held on every out-of-sample run that "
-    "took (logo, seeds 3 and 4), but by the operating point and not the ranking: each time "
-    "a lower FPR for a higher FNR at a slightly lower AUC, and at the FPR the minimum "
-    "reaches the mean with a larger k (7.7–10) misses as many poisons or fewer. PE-I has "
+    "than the default wherever the attack takes, held on the out-of-sample runs that took "
+    "(logo, seeds 3 and 4, logo at 150 epochs, seed 3 at 150 epochs) by the operating point "
+    "and not the ranking: each time a lower FPR for a higher FNR or a lower AUC, and at the "
+    "FPR the minimum reaches the mean with a larger k misses as many poisons or fewer. It "
+    "fails on seed 1, traced again on 2026-12-03 (pre-registration entry 3): DACC 0.918 "
+    "against 0.935, FNR 0.616 against 0.526, AUC 0.919 against 0.958. That makes its worst "
+    "case lower than the default's, so under the rule it is not the default. PE-I has "
     "one instance, so there the minimum is the mean. Where the attack did not take the "
-    "minimum ranks the poisons worse than the mean. Not kept: it cannot be picked until it "
-    "is measured on the runs traced before it existed (seeds 0–2, 10-pixel trigger; no "
-    "cached terms), it misses a fifth to nearly half of the poisons on the logo and "
-    "seed-3 and seed-4 runs (FNR 0.352, 0.432, 0.206), "
-    "and what it gains a larger k gives the default as well.",
+    "minimum ranks the poisons worse than the mean. Not kept.",
+    "* a larger MAD multiplier on the default's scores (`last-max16x5-k9`; k = 9 picked on "
+    "2026-12-03 as the best worst-case DACC over the 8 runs that took with committed scores, "
+    "then pre-registered, entry 3): it holds on seed 3 at 150 epochs (DACC 0.958 against "
+    "0.937, FNR 0 for both) and fails on seed 1 (0.915 against 0.935: FPR 0.000 but FNR "
+    "0.940). With seed 1's scores in, k = 6 has the best worst-case DACC of k = 3..9 over "
+    "the 10 runs that took with scores (0.933; k = 5: 0.915 on the combined run; k = 7: "
+    "0.931 on seed 1). A "
+    "fixed k cannot serve both a weak backdoor (seed 1: poisons inside the clean tail) and "
+    "a strong one (the 150-epoch runs: poisons far above it). Not kept.",
+    "", "**At 150 epochs the threshold becomes the limit.** On the three runs pre-trained "
+    "to 150 epochs the default misses almost nothing (FNR 0.000–0.006, AUC 0.996–0.999) and "
+    "flags 42–51% of the clean trucks (FPR 0.055–0.069). There, in MAD units of the "
+    "default's scores, 90% of the poisons sit between 13 and 34, and the clean scores' "
+    "99.5th percentile is at 16–20 (their maximum at 25–26). On seed 3 "
+    "at 150 epochs the best threshold with the labels in hand gives DACC 0.993, and MAD "
+    "k = 20 gives DACC 0.992, FPR 0.005, FNR 0.044: the issue's target, on one run, with a "
+    "k read from that run's labels, so it is not a result. On the 75-epoch runs k = 20 "
+    "would miss most of the poisons.",
     "", "**CLIP.** On Carlini-Terzis 5% the clean truck/\"truck\" pairs outscore the poisons "
     "(final checkpoint, 5 instances: AUC of poisons against clean target-class pairs 0.06), "
     "so every sample-level method misses nearly all poisons at a usable FPR (FNR at 1% FPR "
@@ -253,7 +270,7 @@ def _shorter_config(config: str, configs: set[str]) -> str | None:
 
 
 def longer_lines(rows: list[dict]) -> list[str]:
-    """Pre-registered test 2 (docs/PREREGISTRATION.md): each run pre-trained longer against
+    """Pre-registered tests 2 and 3 (docs/PREREGISTRATION.md): each run pre-trained longer against
     the same configuration's shorter run, for the default, with the three predictions'
     verdicts: a stronger backdoor (ASR), a better ranking (AUC up and FNR at 1% FPR down),
     and the clean target-class false positives staying (FPR > 0.01, target-class FPR > 0.10)."""
@@ -264,7 +281,7 @@ def longer_lines(rows: list[dict]) -> list[str]:
              and (s, DEFAULT_METHOD) in by and (c, DEFAULT_METHOD) in by]
     if not pairs:
         return []
-    lines = ["## Longer pre-training (pre-registered test 2)", "",
+    lines = ["## Longer pre-training (pre-registered tests 2 and 3)", "",
              "The same data, seed and settings pre-trained longer (the longer run continues "
              "the shorter one: the learning rate is constant). Predictions written down in "
              "`docs/PREREGISTRATION.md` before the longer runs started: (1) the backdoor is "
