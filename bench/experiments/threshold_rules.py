@@ -14,6 +14,12 @@ few poisons on a weak backdoor. Rules, each on the method's scores:
   median), which the poisons and the target-class tail cannot inflate;
 * ``gmm2``: a two-component 1-D Gaussian mixture (EM, started from the top 10% against the
   rest), flagging where the upper component's posterior exceeds 1/2;
+* ``mad-k6-otsu``: MAD with k = 6, then Otsu's split of the flagged scores (the cut that
+  maximizes the between-group variance), flagging only the upper group: on a strong
+  backdoor the poisons form a cluster above the clean target-class tail;
+* ``mad-k6-otsu-gated``: the same only where the split is clear (Otsu's η, between-group
+  over total variance, at least 0.74), otherwise ``mad-k6``. Picked on 2026-12-03 after
+  looking at the 10 runs that took with committed scores (docs/PREREGISTRATION.md, entry 4);
 * ``oracle``: the best threshold, reading the truth (an upper bound, not a rule).
 
 Prints DACC / FPR / FNR per rule and configuration, and each rule's worst case.
@@ -62,12 +68,38 @@ def _gmm2(x: np.ndarray, iters: int = 200) -> np.ndarray:
     return post[:, upper] > 0.5
 
 
+def otsu_split(x: np.ndarray) -> tuple[float, float]:
+    """Otsu's threshold on 1-D scores (midway between the two sorted values where the
+    between-group variance peaks) and its η, that variance over the total (0..1)."""
+    x = np.sort(np.asarray(x, np.float64))
+    n = len(x)
+    if n < 2 or x[0] == x[-1]:
+        return float(x[-1]) if n else np.inf, 0.0
+    i = np.arange(1, n)  # the lower group is x[:i]
+    c = np.cumsum(x)[:-1]
+    m0, m1 = c / i, (x.sum() - c) / (n - i)
+    between = (i / n) * (1 - i / n) * (m0 - m1) ** 2
+    best = int(np.argmax(between))
+    return float((x[best] + x[best + 1]) / 2), float(between[best] / x.var())
+
+
+OTSU_MIN_ETA = 0.74
+
+
+def _mad_otsu(x: np.ndarray, k: float = 6.0, min_eta: float = 0.0) -> np.ndarray:
+    flagged = _mask(len(x), flag(x, k))
+    thr, eta = otsu_split(x[flagged])
+    return flagged & (x > thr) if eta >= min_eta else flagged
+
+
 RULES = {
     "mad-k3": lambda x: _mask(len(x), flag(x, 3.0)),
     "mad-k6": lambda x: _mask(len(x), flag(x, 6.0)),
     "lower-mad-k3": lambda x: _lower_mad(x, 3.0),
     "lower-mad-k6": lambda x: _lower_mad(x, 6.0),
     "gmm2": _gmm2,
+    "mad-k6-otsu": _mad_otsu,
+    "mad-k6-otsu-gated": lambda x: _mad_otsu(x, min_eta=OTSU_MIN_ETA),
 }
 
 
