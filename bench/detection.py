@@ -222,9 +222,10 @@ GRIDS = {
     # backdoor strength (added 2026-12-03, docs/PREREGISTRATION.md): the two weakest cached
     # runs that took, pre-trained to 150 epochs. The schedule is constant, so their first 75
     # epochs are the 75-epoch runs', which they continue from (extend_shorter_run).
-    # Seed 3's square-trigger run joined it on 2026-12-03 (entry 3), a third configuration.
+    # Seed 3's square-trigger run joined it on 2026-12-03 (entry 3), a third configuration,
+    # and seed 4's after entry 4 (a test of it).
     "longer": [replace(_base, trigger_shape=t, epochs=150) for t in ("logo", "combined")]
-    + [replace(_base, seed=3, epochs=150)],
+    + [replace(_base, seed=s, epochs=150) for s in (3, 4)],
 }
 
 
