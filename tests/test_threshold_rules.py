@@ -38,6 +38,10 @@ def test_otsu_split_matches_a_brute_force_search(seed):
 def test_otsu_split_of_constant_or_tiny_inputs_splits_nothing():
     assert rules.otsu_split(np.full(5, 2.0)) == (2.0, 0.0)
     assert rules.otsu_split(np.array([1.0]))[1] == 0.0
+    # so even the ungated refinement keeps a flagged set it cannot split
+    x = np.concatenate([np.random.default_rng(1).standard_normal(1000), np.full(20, 50.0)])
+    assert (rules.RULES["mad-k6-otsu"](x) == rules._mask(len(x), rules.flag(x, 6.0))).all()
+    assert rules.RULES["mad-k6-otsu"](x)[-20:].all()
 
 
 def test_gated_refinement_keeps_the_mad_flags_unless_the_split_is_clear():

@@ -89,7 +89,8 @@ OTSU_MIN_ETA = 0.74
 def _mad_otsu(x: np.ndarray, k: float = 6.0, min_eta: float = 0.0) -> np.ndarray:
     flagged = _mask(len(x), flag(x, k))
     thr, eta = otsu_split(x[flagged])
-    return flagged & (x > thr) if eta >= min_eta else flagged
+    # η = 0: no split (nothing or one value flagged), keep the flags
+    return flagged & (x > thr) if eta > 0 and eta >= min_eta else flagged
 
 
 RULES = {
