@@ -625,16 +625,18 @@ def save_rows(rows: list[dict], command: str) -> None:
 
 def _merge_rows(rows: list[dict], command: str) -> None:
     res = load_results()
-    new = {(x["config"], x["method"]) for x in rows}
     # rows of methods this process does not know are kept: it may predate them (a harness
     # started before a method was added once dropped that method's rows); the reports leave
     # out rows of methods no longer defined (main)
-    keep = [r for r in res["rows"] if (r["config"], r["method"]) not in new]
     for r in rows:
         r["command"] = command
         r["machine"] = f"{platform.machine()} {platform.processor() or ''} {cpu_name()}".strip()
         r["date"] = time.strftime("%Y-%m-%d")
-    res["rows"] = keep + rows
+    # a re-measured row replaces the old one where it stood (so a re-run shows in the diff
+    # as changed rows, not as rows moved to the end); rows new to the file go at the end
+    fresh = {(r["config"], r["method"]): r for r in rows}
+    merged = [fresh.pop((r["config"], r["method"]), r) for r in res["rows"]]
+    res["rows"] = merged + [r for r in rows if (r["config"], r["method"]) in fresh]
     atomic_write_json(RESULTS, res)
 
 

@@ -148,6 +148,25 @@ def test_saving_rows_never_drops_rows_of_methods_this_process_does_not_know(tmp_
     assert {(r["method"], r["dacc"]) for r in rows} == {("newer-method", 0.5), ("paper", 0.2)}
 
 
+def test_saving_rows_replaces_re_measured_rows_in_place_and_appends_new_ones(tmp_path,
+                                                                            monkeypatch):
+    """A re-run changes its rows where they stand, so the results file's diff shows only
+    what changed; rows of a configuration or method not in the file go at the end."""
+    monkeypatch.setattr(detection, "RESULTS", tmp_path / "detection.json")
+    detection.atomic_write_json(detection.RESULTS, {"rows": [
+        {"config": "a", "method": "paper", "dacc": 0.1},
+        {"config": "b", "method": "paper", "dacc": 0.3},
+        {"config": "c", "method": "paper", "dacc": 0.4}]})
+    detection.save_rows([{"config": "d", "method": "paper", "dacc": 0.6},
+                         {"config": "a", "method": "paper", "dacc": 0.2},
+                         {"config": "a", "method": "paper-k6", "dacc": 0.5}], "cmd")
+    rows = detection.load_results()["rows"]
+    assert [(r["config"], r["method"], r["dacc"]) for r in rows] == [
+        ("a", "paper", 0.2), ("b", "paper", 0.3), ("c", "paper", 0.4),
+        ("d", "paper", 0.6), ("a", "paper-k6", 0.5)]
+    assert rows[0]["command"] == "cmd" and "command" not in rows[1]
+
+
 def test_saved_scores_give_back_every_method_and_the_metrics_they_were_measured_with(
         tmp_path, monkeypatch):
     """The per-sample scores file holds each method's scores (methods that differ only in k
