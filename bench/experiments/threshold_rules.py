@@ -18,8 +18,9 @@ few poisons on a weak backdoor. Rules, each on the method's scores:
   maximizes the between-group variance), flagging only the upper group: on a strong
   backdoor the poisons form a cluster above the clean target-class tail;
 * ``mad-k6-otsu-gated``: the same only where the split is clear (Otsu's η, between-group
-  over total variance, at least 0.74), otherwise ``mad-k6``. Picked on 2026-12-03 after
-  looking at the 10 runs that took with committed scores (docs/PREREGISTRATION.md, entry 4);
+  over total variance, at least 0.74), otherwise ``mad-k6`` (``ffengine.detect.split``).
+  Picked on 2026-12-03 after looking at the 10 runs that took with committed scores
+  (docs/PREREGISTRATION.md, entry 4);
 * ``oracle``: the best threshold, reading the truth (an upper bound, not a rule).
 
 Prints DACC / FPR / FNR per rule and configuration, and each rule's worst case.
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from detection import SCORES_DIR, load_results, load_scores  # noqa: E402
 
 from ffengine.detect import flag  # noqa: E402
+from ffengine.detect.split import OTSU_MIN_ETA, refine_by_split  # noqa: E402
 from ffengine.metrics import best_threshold_dacc  # noqa: E402
 
 
@@ -68,29 +70,9 @@ def _gmm2(x: np.ndarray, iters: int = 200) -> np.ndarray:
     return post[:, upper] > 0.5
 
 
-def otsu_split(x: np.ndarray) -> tuple[float, float]:
-    """Otsu's threshold on 1-D scores (midway between the two sorted values where the
-    between-group variance peaks) and its η, that variance over the total (0..1)."""
-    x = np.sort(np.asarray(x, np.float64))
-    n = len(x)
-    if n < 2 or x[0] == x[-1]:
-        return float(x[-1]) if n else np.inf, 0.0
-    i = np.arange(1, n)  # the lower group is x[:i]
-    c = np.cumsum(x)[:-1]
-    m0, m1 = c / i, (x.sum() - c) / (n - i)
-    between = (i / n) * (1 - i / n) * (m0 - m1) ** 2
-    best = int(np.argmax(between))
-    return float((x[best] + x[best + 1]) / 2), float(between[best] / x.var())
-
-
-OTSU_MIN_ETA = 0.74
-
-
 def _mad_otsu(x: np.ndarray, k: float = 6.0, min_eta: float = 0.0) -> np.ndarray:
-    flagged = _mask(len(x), flag(x, k))
-    thr, eta = otsu_split(x[flagged])
-    # η = 0: no split (nothing or one value flagged), keep the flags
-    return flagged & (x > thr) if eta > 0 and eta >= min_eta else flagged
+    refined, _ = refine_by_split(x, flag(x, k), min_eta)
+    return _mask(len(x), refined)
 
 
 RULES = {

@@ -3,6 +3,8 @@
 ``robust_stats``/``median_mad`` give the exact median and MAD of a score vector of any size
 (in memory, memmapped or a ``.npy`` path); ``flag`` returns the indices above
 ``median + k * MAD``. ``RadixSelector`` is the underlying shardable selection state machine.
+``refine_by_split`` (an experiment, not a default) keeps the upper group of a flagged set
+where Otsu's split of it is clear.
 """
 
 from ffengine.detect.mad import (
@@ -24,13 +26,16 @@ from ffengine.detect.select import (
     open_scores,
     run_selection,
 )
+from ffengine.detect.split import OTSU_MIN_ETA, Split, otsu_split, refine_by_split
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_K",
     "MADStats",
+    "OTSU_MIN_ETA",
     "RadixSelector",
     "ScoreSource",
+    "Split",
     "flag",
     "float_keys",
     "keys_to_floats",
@@ -38,6 +43,8 @@ __all__ = [
     "median_mad",
     "median_ranks",
     "open_scores",
+    "otsu_split",
+    "refine_by_split",
     "robust_stats",
     "run_selection",
     "threshold",
