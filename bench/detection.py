@@ -36,6 +36,7 @@ from ffengine.attacks.poisoned_encoder import AttackConfig, load_truth, poison_d
 from ffengine.attacks.triggers import TriggerConfig
 from ffengine.data.demo_data import demo_index
 from ffengine.data.index import SampleIndex
+from ffengine.demo import bundled_run
 from ffengine.detect import flag
 from ffengine.engine.backdoor import (
     backdoor_strength,
@@ -215,6 +216,10 @@ GRIDS = {
     "clip-more": [replace(_clip, poison_rate=r) for r in (0.01, 0.02)]
     + [replace(_clip, seed=2), replace(_clip, attack="corruptencoder", poison_rate=0.15, seed=2),
        replace(_clip, target_class=0), replace(_clip, poison_rate=0.005)],
+    # seeds 3 and 4 of both CLIP attacks (added 2026-12-03): more CLIP runs for the CLIP
+    # default's worst case, each ~25 min on one core of the 2-core VM
+    "clip-seeds": [replace(_clip, seed=s) for s in (3, 4)]
+    + [replace(_clip, attack="corruptencoder", poison_rate=0.15, seed=s) for s in (3, 4)],
     # seeds 3 and 4 (added 2026-12-02): more runs of the one configuration that takes, to
     # test method candidates out of sample (docs/PREREGISTRATION.md)
     "seeds": [replace(_base, seed=s) for s in (0, 1, 2, 3, 4)]
@@ -236,6 +241,10 @@ def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool)
     if src is not None:
         print(f"{cfg.name}: continuing from {src.name}'s finished run (same data, settings "
               "and constant schedule, so its epochs are this run's first ones)", file=sys.stderr)
+    elif (bundled := seed_from_bundled_run(cfg, cache)) is not None:
+        print(f"{cfg.name}: the demo's configuration, traced on the run bundled with the "
+              f"package ({bundled}; the trace checks it was trained on this data)",
+              file=sys.stderr)
     prep = _prepare_clip if cfg.is_clip else _prepare_simclr
     index, run, strength, t_data, t_run = prep(cfg, work, progress)
     inst_dir = work / "instances"
@@ -281,7 +290,10 @@ def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool)
         metrics = score_metrics(det_by_method[name], m, truth, index.labels, cfg.target_class,
                                 domains=(index.domains, index.domain_names),
                                 n_instances=min(m.instances, terms.shape[3]))
-        rows.append({"config": cfg.name, **asdict(cfg), "method": name, **asdict(m),
+        rows.append({"config": cfg.name, **asdict(cfg),
+                     # what the run saved, which a bundled run may do differently
+                     "ckpt_every": run.manifest["training"].get("ckpt_every", cfg.ckpt_every),
+                     "method": name, **asdict(m),
                      **strength, "took": took, **metrics,
                      "x_b": instances[0].meta.get("x_b_source"),
                      "x_r": instances[0].meta.get("x_r_source"),
@@ -596,6 +608,31 @@ def extend_shorter_run(cfg: GridConfig, cache: Path) -> Path | None:
         # so that the continued run's seconds count its first epochs too
         last["train_s"] = json.loads((src / "times.json").read_text()).get("pretrain_s")
     manifest["extended_from"] = str(src.resolve() / "run")
+    atomic_write_json(tmp / "run" / MANIFEST, manifest)
+    tmp.rename(work)
+    return src
+
+
+def seed_from_bundled_run(cfg: GridConfig, cache: Path) -> Path | None:
+    """Seed the demo's configuration (grid ``demo``) with the run bundled with the package
+    (what ``ffengine demo`` traces), where nothing is cached for it yet: the grid's rows for
+    it were measured on that run, and pre-training it again takes hours on a CPU. Only the
+    weights and the manifest are bundled (no optimizer state), and it saved a checkpoint
+    every 15 epochs, so the 15-checkpoint ablation cannot use it. The trace checks the
+    index hash, so a bundled run of other data fails there with a clear error. Returns the
+    bundled run's directory, or None where nothing was seeded."""
+    import shutil
+
+    work = cache / cfg.name
+    src = bundled_run(cfg.attack, cfg.poison_rate)
+    if cfg != GRIDS["demo"][0] or work.exists() or src is None:
+        return None
+    tmp = work.with_name(work.name + ".seeding")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp / "run")
+    manifest = json.loads((tmp / "run" / MANIFEST).read_text())
+    manifest["index"]["path"] = str(work / "data" / "index")  # as run_config opens it
+    manifest["seeded_from"] = str(src)
     atomic_write_json(tmp / "run" / MANIFEST, manifest)
     tmp.rename(work)
     return src

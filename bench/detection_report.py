@@ -25,7 +25,7 @@ from detection import (  # bench/ is on sys.path when these run
 from scipy.stats import spearmanr
 
 from ffengine.attacks.clip_attacks import CLIP_ATTACKS
-from ffengine.detect import flag
+from ffengine.detect import OTSU_MIN_ETA, flag, refine_by_split
 from ffengine.io_utils import atomic_write_bytes
 from ffengine.methods import DEFAULT_CLIP_METHOD, DEFAULT_METHOD
 
@@ -392,6 +392,89 @@ def preregistered_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+# Threshold rules pre-registered in docs/PREREGISTRATION.md: a rule on one method's committed
+# per-sample scores (the ranking is that method's; only the flagged set changes). Entry 4 was
+# picked on 2026-12-03 looking at every run whose scores were committed then (ab566ac).
+SPLIT_RULE = {"name": "mad-k6-otsu-gated", "method": "last-max16x5-k6", "k": 6.0,
+              "max_fpr_where_split": 0.01,
+              "picked_on": (
+                  "pe1-r20-s8-br-square-t9-seed0-small-e75",
+                  "pe2-r01-s8-br-square-t9-seed0-small-e75",
+                  "pe2-r03-s8-br-square-t9-seed0-small-e75",
+                  "pe2-r10-s4-br-square-t9-seed0-small-e75",
+                  "pe2-r10-s6-br-square-t9-seed0-small-e75",
+                  "pe2-r10-s8-br-combined-t9-seed0-small-e150",
+                  "pe2-r10-s8-br-combined-t9-seed0-small-e75",
+                  "pe2-r10-s8-br-logo-t9-seed0-small-e150",
+                  "pe2-r10-s8-br-logo-t9-seed0-small-e75",
+                  "pe2-r10-s8-br-square-t3-seed0-small-e75",
+                  "pe2-r10-s8-br-square-t9-seed1-small-e75",
+                  "pe2-r10-s8-br-square-t9-seed3-small-e150",
+                  "pe2-r10-s8-br-square-t9-seed3-small-e75",
+                  "pe2-r10-s8-br-square-t9-seed4-small-e75",
+                  "pe2-r10-s8-br-triangle-t9-seed0-small-e75",
+                  "pe2-r10-s8-r-square-t9-seed0-small-e75")}
+
+
+def _rates(flagged: np.ndarray, poisoned: np.ndarray) -> tuple[float, float, float]:
+    """DACC, FPR, FNR of a boolean flag vector (the harness's definitions)."""
+    return (float(np.mean(flagged == poisoned)), float(flagged[~poisoned].mean()),
+            float((~flagged[poisoned]).mean()))
+
+
+def split_rule_lines(rows: list[dict]) -> list[str]:
+    """Entry 4 (``ffengine.detect.refine_by_split`` on the default's scores after MAD k = 6)
+    on every SimCLR run with committed scores: Otsu's η of the flagged set, whether the gate
+    let it split, the rule's figures against k = 6 alone and what the split would have given
+    ungated. Its predictions, on runs out of sample where the attack took: a DACC at least
+    k = 6's, and where it splits an FPR of at most 0.01."""
+    rule, took = SPLIT_RULE, {r["config"]: r["took"] for r in rows}
+    lines = [f"`{rule['name']}` (entry 4, a threshold rule): `{rule['method']}`'s scores, MAD "
+             f"k = {rule['k']:g}, then Otsu's split of the flagged scores, keeping the upper "
+             f"group where η ≥ {OTSU_MIN_ETA} (`ffengine.detect.refine_by_split`). "
+             "Predictions out of sample where the attack took: a DACC at least k = 6's; "
+             f"where it splits, an FPR of at most {rule['max_fpr_where_split']}. Ungated: "
+             "the split applied whatever η is.", "",
+             "| config | sample | took | η | split | DACC (rule / k = 6) | FPR | FNR | "
+             "ungated: DACC / FPR / FNR | prediction |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    tally = []
+    for config in sorted(c.stem for c in SCORES_DIR.glob("*.npz")):
+        if config not in took:
+            continue
+        saved = load_scores(config)
+        if rule["method"] not in saved["scores"]:
+            continue
+        x = saved["scores"][rule["method"]].astype(np.float64)
+        poisoned = saved["poisoned"].astype(bool)
+        mad_ids = flag(x, rule["k"])
+        ids, split = refine_by_split(x, mad_ids)
+        ungated, _ = refine_by_split(x, mad_ids, 0.0)
+        mask = {}
+        for name, sel in (("rule", ids), ("mad", mad_ids), ("ungated", ungated)):
+            mask[name] = np.zeros(len(x), bool)
+            mask[name][sel] = True
+        (d, fp, fn), (d0, fp0, fn0), (du, fpu, fnu) = (
+            _rates(mask[n], poisoned) for n in ("rule", "mad", "ungated"))
+        in_sample = config in rule["picked_on"]
+        held = d >= d0 and (not split.applied or fp <= rule["max_fpr_where_split"])
+        verdict = ("in sample" if in_sample else
+                   "no test (attack did not take)" if not took[config] else
+                   "no test (no clear split: flags what k = 6 flags)" if not split.applied
+                   else "holds" if held else "fails")
+        if not in_sample and took[config] and split.applied:
+            tally.append(held)
+        lines.append(f"| {config} | {'in' if in_sample else 'out'} | "
+                     f"{'yes' if took[config] else 'no'} | {split.eta:.3f} | "
+                     f"{'yes' if split.applied else 'no'} | {d:.3f} / {d0:.3f} | "
+                     f"{fp:.3f} / {fp0:.3f} | {fn:.3f} / {fn0:.3f} | "
+                     f"{du:.3f} / {fpu:.3f} / {fnu:.3f} | {verdict} |")
+    lines += ["", f"`{rule['name']}` out of sample where the attack took and the gate split: "
+              + (f"the predictions held on {sum(tally)} of {len(tally)} runs." if tally else
+                 "none yet, so its predictions are untested.")]
+    return lines
+
+
 def write_markdown(rows: list[dict]) -> None:
     s = summary(rows)
     took = sorted({r["config"] for r in rows if r["took"]})
@@ -475,7 +558,7 @@ def write_markdown(rows: list[dict]) -> None:
         doms = " / ".join(_domains_cell(by.get((c, m))) for m in ("paper", default))
         lines.append(f"| {c} | {paper} | {cells[0]} | {cells[1]} | {doms} |")
     lines += ["", *coverage_lines(rows)]
-    lines += ["", *preregistered_lines(rows)]
+    lines += ["", *preregistered_lines(rows), "", *split_rule_lines(rows)]
     if longer := longer_lines(rows):
         lines += ["", *longer]
     lines += ["", "## Methods", "", "| method | what it does |", "|---|---|"]

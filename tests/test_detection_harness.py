@@ -442,3 +442,65 @@ def test_a_continued_run_counts_the_training_seconds_of_an_older_source(trace_se
     seeded = json.loads((tmp_path / cfg.name / "run" / "manifest.json").read_text())
     assert seeded["checkpoints"][-1]["train_s"] == 1234.5
     assert "train_s" not in seeded["checkpoints"][0]
+
+
+def test_the_demo_configuration_is_seeded_with_the_bundled_run_and_no_other(tmp_path):
+    """The demo's configuration starts from the run the package bundles (what the grid's rows
+    for it were measured on), once, with its manifest pointing at the harness's index; any
+    other configuration, or one already started, is left alone."""
+    from dataclasses import replace
+
+    demo = detection.GRIDS["demo"][0]
+    assert detection.seed_from_bundled_run(replace(demo, seed=1), tmp_path) is None
+    assert not (tmp_path / replace(demo, seed=1).name).exists()
+    src = detection.seed_from_bundled_run(demo, tmp_path)
+    assert src is not None
+    run = detection.Run(tmp_path / demo.name / "run")
+    assert [c.epoch for c in run.checkpoints] == [15, 30, 45, 60, 75]
+    assert detection._finished(tmp_path / demo.name / "run", demo.epochs)
+    assert run.manifest["index"]["path"] == str(tmp_path / demo.name / "data" / "index")
+    assert run.manifest["seeded_from"] == str(src)
+    for c in run.checkpoints:  # the weights themselves, byte for byte
+        assert (tmp_path / demo.name / "run" / c.weights).read_bytes() == (
+            src / c.weights).read_bytes()
+    assert detection.seed_from_bundled_run(demo, tmp_path) is None  # never seeded twice
+
+
+def test_split_rule_table_judges_both_predictions_out_of_sample_where_the_gate_split(
+        tmp_path, monkeypatch):
+    """Entry 4's table, from committed-format score files: a clear split that keeps the
+    poisons holds, one that drops a poison cluster fails, a run the gate does not split (or
+    where the attack did not take, or that was looked at) is no test."""
+    rule = report.SPLIT_RULE
+    monkeypatch.setattr(detection, "SCORES_DIR", tmp_path)
+    monkeypatch.setattr(report, "SCORES_DIR", tmp_path)
+    rng = np.random.default_rng(3)
+    u = 0.6745  # one MAD of a standard normal
+
+    def save(config, clean_tail, poisons):
+        clean = np.concatenate([rng.standard_normal(5000), clean_tail])
+        x = np.concatenate([clean, poisons]).astype(np.float32)
+        poisoned = np.arange(len(x)) >= len(clean)
+        np.savez(tmp_path / f"{config}.npz", poisoned=poisoned, labels=np.zeros(len(x), int),
+                 domains=np.zeros(len(x), int), domain_names=np.array(["clean"]),
+                 aliases=np.array([], str), **{f"score/{rule['method']}": x})
+
+    tail = rng.uniform(6.5, 9.0, 100) * u
+    save("clear", tail, rng.normal(30.0, 1.0, 300) * u)
+    # a poison cluster inside the clean tail and a smaller one far above: the split drops
+    # the first, and DACC falls below k = 6's
+    save("drops-poisons", tail[:20], np.concatenate([rng.uniform(6.5, 9.0, 200),
+                                                     rng.normal(30.0, 1.0, 100)]) * u)
+    save("thin-tail", (6.5 + rng.exponential(1.0, 200)) * u, rng.normal(8.0, 1.0, 50) * u)
+    save("untaken", tail, rng.normal(30.0, 1.0, 300) * u)
+    save(rule["picked_on"][0], tail, rng.normal(30.0, 1.0, 300) * u)
+    rows = [{"config": c, "took": c != "untaken"} for c in
+            ("clear", "drops-poisons", "thin-tail", "untaken", rule["picked_on"][0])]
+    lines = report.split_rule_lines(rows)
+    verdict = {ln.split(" | ")[0].lstrip("| "): ln.rstrip(" |").rsplit(" | ", 1)[1]
+               for ln in lines if ln.startswith("| ") and not ln.startswith("| config")}
+    assert verdict == {"clear": "holds", "drops-poisons": "fails",
+                       "thin-tail": "no test (no clear split: flags what k = 6 flags)",
+                       "untaken": "no test (attack did not take)",
+                       rule["picked_on"][0]: "in sample"}
+    assert lines[-1].endswith("the predictions held on 1 of 2 runs.")
