@@ -276,6 +276,8 @@ def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool)
 
     truth = load_truth(work / "data")
     rows, det_by_method, det_by_aggregation = [], {}, {}
+    # the checkpoint spacing the run saved, which a bundled run may do differently
+    ckpt_every = run.manifest.get("training", {}).get("ckpt_every", cfg.ckpt_every)
     for name in methods:
         m = METHODS[name]
         tname = trace_name(name, cfg.is_clip)
@@ -290,9 +292,7 @@ def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool)
         metrics = score_metrics(det_by_method[name], m, truth, index.labels, cfg.target_class,
                                 domains=(index.domains, index.domain_names),
                                 n_instances=min(m.instances, terms.shape[3]))
-        rows.append({"config": cfg.name, **asdict(cfg),
-                     # what the run saved, which a bundled run may do differently
-                     "ckpt_every": run.manifest["training"].get("ckpt_every", cfg.ckpt_every),
+        rows.append({"config": cfg.name, **asdict(cfg), "ckpt_every": ckpt_every,
                      "method": name, **asdict(m),
                      **strength, "took": took, **metrics,
                      "x_b": instances[0].meta.get("x_b_source"),
