@@ -475,6 +475,24 @@ def split_rule_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def clip_threshold_lines(rows: list[dict]) -> list[str]:
+    """How far the CLIP default's best threshold (labels in hand) gets above flagging
+    nothing (DACC 1 − poison share), over the CLIP runs that took and record it."""
+    runs = [r for r in rows if r["method"] == DEFAULT_CLIP_METHOD and r["took"]
+            and r.get("attack") in CLIP_ATTACKS and r.get("dacc_best") is not None]
+    if not runs:
+        return []
+    margin = {r["config"]: r["dacc_best"] - (1 - r["n_poisoned"] / r["n"]) for r in runs}
+    none = sorted(c for c, m in margin.items() if m < 1e-9)
+    return ["", f"On the {len(runs)} CLIP runs that took and record it, the best threshold "
+            f"on `{DEFAULT_CLIP_METHOD}`'s scores, chosen with the labels in hand, beats "
+            f"flagging nothing (DACC 1 − the poison share) by at most "
+            f"{max(margin.values()):.4f}, and on {len(none)} of them not at all: there the "
+            "poisons never outnumber the clean inputs above any cut. At the sample level "
+            "these CLIP scores do not detect the poisons; what stands out is the attacker's "
+            "domains (last column of the side-by-side table)."]
+
+
 def write_markdown(rows: list[dict]) -> None:
     s = summary(rows)
     took = sorted({r["config"] for r in rows if r["took"]})
@@ -605,7 +623,8 @@ def write_markdown(rows: list[dict]) -> None:
               "seconds). Domains: "
               "attacker domains called suspicious / all attacker domains, then benign domains "
               "called suspicious / all benign ones (— where the row predates the verdict).",
-              "", *WHY_CAUSES, *strength_lines(rows), *WHY_TRIED, "", "Commands:", ""]
+              "", *WHY_CAUSES, *strength_lines(rows), *WHY_TRIED,
+              *clip_threshold_lines(rows), "", "Commands:", ""]
     for cmd in sorted({r["command"] for r in rows}):
         lines.append(f"* `{cmd}`")
     RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)

@@ -504,3 +504,18 @@ def test_split_rule_table_judges_both_predictions_out_of_sample_where_the_gate_s
                        "untaken": "no test (attack did not take)",
                        rule["picked_on"][0]: "in sample"}
     assert lines[-1].endswith("the predictions held on 1 of 2 runs.")
+
+
+def test_clip_threshold_lines_measure_the_best_threshold_against_flagging_nothing():
+    def row(config, dacc_best, n_poisoned=500, n=10500, **kw):
+        return {"config": config, "method": detection.DEFAULT_CLIP_METHOD, "took": True,
+                "attack": "ct", "dacc_best": dacc_best, "n_poisoned": n_poisoned, "n": n, **kw}
+
+    nothing = 1 - 500 / 10500
+    rows = [row("a", nothing), row("b", nothing + 0.004), row("c", 0.99, took=False),
+            row("d", None), row("e", 0.99, attack="pe2"),
+            dict(row("f", 0.99), method="paper")]
+    text = report.clip_threshold_lines(rows)[1]
+    assert text.startswith("On the 2 CLIP runs that took")
+    assert "by at most 0.0040, and on 1 of them not at all" in text
+    assert report.clip_threshold_lines([row("c", 0.99, took=False)]) == []
