@@ -28,6 +28,7 @@ from ffengine.attacks.clip_attacks import CLIP_ATTACKS
 from ffengine.detect import OTSU_MIN_ETA, flag, refine_by_split
 from ffengine.io_utils import atomic_write_bytes
 from ffengine.methods import DEFAULT_CLIP_METHOD, DEFAULT_METHOD
+from ffengine.metrics import detection_metrics
 
 # The paper's CIFAR-10 figures for the PoisonedEncoder attacks (FoundationForensics, Table 3:
 # all checkpoints, MAD k = 3), as ranges over its PE-I / PE-II rows.
@@ -416,12 +417,6 @@ SPLIT_RULE = {"name": "mad-k6-otsu-gated", "method": "last-max16x5-k6", "k": 6.0
                   "pe2-r10-s8-r-square-t9-seed0-small-e75")}
 
 
-def _rates(flagged: np.ndarray, poisoned: np.ndarray) -> tuple[float, float, float]:
-    """DACC, FPR, FNR of a boolean flag vector (the harness's definitions)."""
-    return (float(np.mean(flagged == poisoned)), float(flagged[~poisoned].mean()),
-            float((~flagged[poisoned]).mean()))
-
-
 def split_rule_lines(rows: list[dict]) -> list[str]:
     """Entry 4 (``ffengine.detect.refine_by_split`` on the default's scores after MAD k = 6)
     on every SimCLR run with committed scores: Otsu's η of the flagged set, whether the gate
@@ -446,16 +441,13 @@ def split_rule_lines(rows: list[dict]) -> list[str]:
         if rule["method"] not in saved["scores"]:
             continue
         x = saved["scores"][rule["method"]].astype(np.float64)
-        poisoned = saved["poisoned"].astype(bool)
+        truth = np.flatnonzero(saved["poisoned"])
         mad_ids = flag(x, rule["k"])
         ids, split = refine_by_split(x, mad_ids)
         ungated, _ = refine_by_split(x, mad_ids, 0.0)
-        mask = {}
-        for name, sel in (("rule", ids), ("mad", mad_ids), ("ungated", ungated)):
-            mask[name] = np.zeros(len(x), bool)
-            mask[name][sel] = True
         (d, fp, fn), (d0, fp0, fn0), (du, fpu, fnu) = (
-            _rates(mask[n], poisoned) for n in ("rule", "mad", "ungated"))
+            (m["DACC"], m["FPR"], m["FNR"]) for m in (
+                detection_metrics(sel, truth, len(x)) for sel in (ids, mad_ids, ungated)))
         in_sample = config in rule["picked_on"]
         held = d >= d0 and (not split.applied or fp <= rule["max_fpr_where_split"])
         verdict = ("in sample" if in_sample else
