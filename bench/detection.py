@@ -231,6 +231,9 @@ GRIDS = {
     # and seed 4's after entry 4 (a test of it).
     "longer": [replace(_base, trigger_shape=t, epochs=150) for t in ("logo", "combined")]
     + [replace(_base, seed=s, epochs=150) for s in (3, 4)],
+    # the random-location trigger with more seeds (added 2026-12-03, docs/PREREGISTRATION.md
+    # entry 4): at 75 epochs the only run whose flagged set Otsu's split divided, in sample
+    "random-location": [replace(_base, trigger_location="random", seed=s) for s in (1, 2)],
 }
 
 
