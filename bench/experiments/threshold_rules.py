@@ -39,7 +39,7 @@ from detection import SCORES_DIR, load_results, load_scores  # noqa: E402
 
 from ffengine.detect import flag  # noqa: E402
 from ffengine.detect.split import OTSU_MIN_ETA, refine_by_split  # noqa: E402
-from ffengine.metrics import best_threshold_dacc  # noqa: E402
+from ffengine.metrics import best_threshold_dacc, detection_metrics  # noqa: E402
 
 
 def _mask(n: int, ids: np.ndarray) -> np.ndarray:
@@ -94,16 +94,20 @@ def main(argv: list[str] | None = None) -> int:
     took = {r["config"] for r in load_results()["rows"] if r["took"]}
     configs = a.configs or sorted(c.stem for c in SCORES_DIR.glob("*.npz") if c.stem in took)
     worst: dict[str, list[float]] = {}
+    n_scored = 0
     for c in configs:
         s = load_scores(c)
+        if a.method not in s["scores"]:  # CLIP runs have one draw: no max-over-draws method
+            print(f"{c}: no {a.method} scores, skipped")
+            continue
+        n_scored += 1
         x = s["scores"][a.method].astype(np.float64)
         poisoned = s["poisoned"]
         print(f"{c} ({a.method}, {poisoned.sum()} poisons of {len(x)})")
         for name, rule in RULES.items():
             flagged = rule(x) & ~np.isnan(x)
-            dacc = float(np.mean(flagged == poisoned))
-            fpr = float(flagged[~poisoned].mean())
-            fnr = float((~flagged[poisoned]).mean())
+            m = detection_metrics(np.flatnonzero(flagged), np.flatnonzero(poisoned), len(x))
+            dacc, fpr, fnr = m["DACC"], m["FPR"], m["FNR"]
             w = worst.setdefault(name, [1.0, 0.0, 0.0])
             worst[name] = [min(w[0], dacc), max(w[1], fpr), max(w[2], fnr)]
             print(f"  {name:14s} DACC {dacc:.4f}  FPR {fpr:.4f}  FNR {fnr:.4f}  "
@@ -112,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         w = worst.setdefault("oracle", [1.0, 0.0, 0.0])
         w[0] = min(w[0], oracle)
         print(f"  {'oracle':14s} DACC {oracle:.4f}")
-    if configs:
-        print(f"worst over {len(configs)} configuration(s):")
+    if n_scored:
+        print(f"worst over {n_scored} configuration(s):")
         for name, (d, fp, fn) in worst.items():
             print(f"  {name:14s} DACC {d:.4f}" + ("" if name == "oracle" else
                                                    f"  FPR {fp:.4f}  FNR {fn:.4f}"))
