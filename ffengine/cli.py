@@ -22,7 +22,14 @@ from .methods import (
     default_method_for,
     get_method,
 )
-from .options import AGGREGATES, BACKENDS, CHECKPOINT_WEIGHTS, COMBINES, PRECISIONS
+from .options import (
+    AGGREGATES,
+    BACKENDS,
+    CHECKPOINT_WEIGHTS,
+    COMBINES,
+    PRECISIONS,
+    THRESHOLD_RULES,
+)
 
 
 def _add_attack_args(p: argparse.ArgumentParser) -> None:
@@ -238,6 +245,7 @@ def cmd_trace(a: argparse.Namespace) -> int:
     weighting = a.weighting or m.weighting
     combine = a.combine or m.combine
     k = m.k if a.k is None else a.k
+    threshold = a.threshold or m.threshold
     timeout = datetime.timedelta(minutes=a.dist_timeout)
     with process_group_from_env(a.device, timeout=timeout) as dist:
         engine = Engine(a.run, checkpoints=ckpts, device=local_device(a.device),
@@ -248,11 +256,16 @@ def cmd_trace(a: argparse.Namespace) -> int:
                         precision=a.precision, weighting=weighting, combine=combine)
         summary = trace(engine, SampleIndex(a.index), [load_instance(p) for p in a.instance],
                         a.output, k=k, instance_paths=a.instance, dist=dist,
-                        skip_unreadable=a.skip_unreadable_shards)
+                        skip_unreadable=a.skip_unreadable_shards, threshold=threshold)
     if summary is None:  # ranks other than 0: rank 0 reports
         return 0
     lines = [f"flagged {summary['n_flagged']} of {summary['n']} inputs (threshold "
              f"{summary['threshold']:.4g}, k={k:g}); results in {a.output}"]
+    if summary.get("split"):
+        sp = summary["split"]
+        lines.append(f"Otsu's split of the {sp['n_flagged_mad']} MAD-flagged scores at "
+                     f"{sp['threshold']:.4g} (eta {sp['eta']:.3f}): "
+                     + ("applied" if sp["applied"] else "not clear enough, MAD flags kept"))
     if summary.get("reference_class") and summary["n_flagged"]:
         lines.append(format_reference_class_share(summary["reference_class"]))
     lines.append((Path(a.output) / "domains.txt").read_text().rstrip())
@@ -376,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True)
     q.add_argument("--method", default=None, choices=sorted(METHODS),
                    help=f"named scoring method (default: {DEFAULT_METHOD} for SimCLR runs, "
-                        f"{DEFAULT_CLIP_METHOD} for CLIP runs); the six options below "
+                        f"{DEFAULT_CLIP_METHOD} for CLIP runs); the seven options below "
                         "override its settings")
     q.add_argument("--k", type=float, default=None, help="MAD multiplier (paper: 3)")
     q.add_argument("--checkpoints", default=None, help="all, last, or epochs like 15,75")
@@ -389,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--combine", default=None, choices=COMBINES,
                    help="how several instances' scores make one: mean, or min (a sample must "
                         "raise every instance's cosine)")
+    q.add_argument("--threshold", default=None, choices=THRESHOLD_RULES,
+                   help="how the flagged set is cut: mad (median + k*MAD, the paper's) or "
+                        "mad-split (of those, the ones above Otsu's split of their scores "
+                        "where it is clear; an experiment, docs/PREREGISTRATION.md)")
     q.add_argument("--batch-size", type=int, default=None,
                    help="scoring batch: the negatives (default: pre-training batch size)")
     q.add_argument("--chunk-batches", type=int, default=16,

@@ -28,6 +28,9 @@ class Method:
     weighting: str = "lr"
     # how the instances' scores combine: "mean", or "min" (every instance must rise)
     combine: str = "mean"
+    # how the flagged set is cut: "mad" (the paper's rule, with k), or "mad-split" (of the
+    # MAD flags, those above Otsu's split where it is clear; trace's ``threshold``)
+    threshold: str = "mad"
 
     def engine_options(self) -> dict:
         return {"checkpoints": self.checkpoints, "draws": self.draws,
@@ -40,7 +43,8 @@ class Method:
         inst = ("1 instance" if self.instances == 1
                 else f"{self.combine} of {self.instances} instances")
         rise = ", weighted by the cosine's rise" if self.weighting == "rise" else ""
-        return f"{ckpts}{rise}, {draws}, {inst}, MAD k = {self.k:g}"
+        split = ", then Otsu's split where clear" if self.threshold == "mad-split" else ""
+        return f"{ckpts}{rise}, {draws}, {inst}, MAD k = {self.k:g}{split}"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,6 +10,9 @@ COMBINES = ("mean", "min")  # how the K instances' scores make one detection sco
 CHECKPOINT_WEIGHTS = ("lr", "rise")  # how checkpoints count besides their learning rate
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")  # ghost-score kernels
 PRECISIONS = ("float32", "bfloat16")  # of the backbone forward
+# how the flagged set is cut: the paper's MAD rule, or the MAD flags refined by Otsu's split
+# where it is clear (ffengine.detect.split; an experiment, not a default)
+THRESHOLD_RULES = ("mad", "mad-split")
 
 
 def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:

@@ -7,7 +7,8 @@ A finished result directory holds::
     scores.npy             (n, K) float32: s_ik per sample and instance (NaN: skipped)
     terms.npy              (T, D, n, K) float32: per-checkpoint, per-draw terms
     detection_scores.npy   (n,) float32: the score the MAD rule reads (the instances' mean, or min)
-    flagged.npy            int64 ids above median + k·MAD
+    flagged.npy            int64 ids above median + k·MAD (with ``threshold="mad-split"``:
+                           of those, the ones above Otsu's split where it is clear)
     domains.json / .txt    flagged / scored total per source domain (skipped samples counted
                            apart) and the domain-level verdict
                            (a Fisher exact test against the other domains), suspicious first
@@ -43,7 +44,7 @@ from tqdm.auto import tqdm
 
 from .data.index import SampleIndex
 from .data.loader import iter_chunks
-from .detect import MADStats, flag, robust_stats
+from .detect import MADStats, flag, refine_flagged_file, robust_stats
 from .engine import distributed
 from .engine.distributed import Dist
 from .engine.instance import Instance
@@ -61,6 +62,7 @@ from .engine.store import (
 )
 from .errors import ConfigError, DataError
 from .io_utils import atomic_write_bytes, atomic_write_json
+from .options import THRESHOLD_RULES, check_choice
 from .report import (
     domain_table,
     format_domain_table,
@@ -71,9 +73,15 @@ from .report import (
 
 def trace(engine: Engine, index: SampleIndex, instances: Sequence[Instance], out: str | Path,
           k: float = 3.0, instance_paths: Sequence[str] | None = None,
-          dist: Dist | None = None, skip_unreadable: bool = False) -> dict | None:
+          dist: Dist | None = None, skip_unreadable: bool = False,
+          threshold: str = "mad") -> dict | None:
     """Run the whole traceback into ``out`` (resuming unfinished work there) and return the
     summary.
+
+    ``threshold``: ``"mad"`` flags the scores above ``median + k·MAD`` (the paper's rule);
+    ``"mad-split"`` keeps, of those, the ones above Otsu's split of the flagged scores where
+    the split is clear (:func:`ffengine.detect.refine_by_split`; an experiment under test,
+    docs/PREREGISTRATION.md entry 4).
 
     ``dist``: this process's place in a group of scoring processes; default: the initialized
     torch.distributed default group, if any, else a single process. Every process of the
@@ -87,6 +95,7 @@ def trace(engine: Engine, index: SampleIndex, instances: Sequence[Instance], out
     """
     if not k >= 0:
         raise ConfigError(f"k must be non-negative, got {k}.")
+    check_choice("threshold", threshold, THRESHOLD_RULES)
     if not instances:
         raise ConfigError("trace needs at least one backdoor instance.")
     dist = distributed.current() if dist is None else dist
@@ -96,7 +105,8 @@ def trace(engine: Engine, index: SampleIndex, instances: Sequence[Instance], out
         engine.run.check_index(index.hash, index.path)
         if not dist.is_main:
             return None
-        meta = result_metadata(engine, index, instances, k, dist.world_size, instance_paths)
+        meta = result_metadata(engine, index, instances, k, dist.world_size, instance_paths,
+                               threshold)
         return open_result_dir(out, meta)
 
     status = dist.broadcast(dist.run_everywhere(check))
@@ -136,7 +146,7 @@ def trace(engine: Engine, index: SampleIndex, instances: Sequence[Instance], out
         # is refused instead of deleting the report's temporaries or the partial files
         ref_labels = [inst.meta.get("x_r_label", -1) for inst in instances]
         return _report(engine, index, out, k, stats, cos, weights, dist.world_size, pieces,
-                       ref_labels)
+                       ref_labels, threshold)
     finally:
         store.close()
 
@@ -168,7 +178,8 @@ def _score_pieces(engine: Engine, index: SampleIndex, instances: Sequence[Instan
 
 def _report(engine: Engine, index: SampleIndex, out: Path, k: float, stats: MADStats,
             cos: np.ndarray, weights: np.ndarray | None, world_size: int,
-            pieces: dict, reference_labels: Sequence[int] = ()) -> dict:
+            pieces: dict, reference_labels: Sequence[int] = (),
+            threshold: str = "mad") -> dict:
     """Rank 0: assemble the id-ordered arrays, flag, write the report and the summary
     (``weights``: the checkpoint multipliers the scores were aggregated with, or None;
     ``reference_labels``: the instances' x_r classes, -1 where unknown)."""
@@ -179,6 +190,9 @@ def _report(engine: Engine, index: SampleIndex, out: Path, k: float, stats: MADS
     assemble(out, engine.sample_order(n), engine.chunk_size, world_size, T, D, K)
     thr = stats.threshold(k)
     flag(out / "detection_scores.npy", k, out=out / "flagged.npy", stats=stats)
+    n_mad = int(np.load(out / "flagged.npy", mmap_mode="r").shape[0])
+    split = (refine_flagged_file(out / "detection_scores.npy", out / "flagged.npy")
+             if threshold == "mad-split" else None)
     flagged = np.load(out / "flagged.npy")
     rows = domain_table(flagged, index.domains, index.domain_names,
                         skipped_ids=[i for i, _ in skipped])
@@ -196,6 +210,10 @@ def _report(engine: Engine, index: SampleIndex, out: Path, k: float, stats: MADS
         "median": float(stats.median),
         "mad": float(stats.mad),
         "threshold": float(thr),
+        "threshold_rule": threshold,
+        # mad-split: Otsu's cut of the MAD-flagged scores, its η, whether it applied, and how
+        # many the MAD rule alone flagged; null for "mad"
+        "split": None if split is None else {**split.to_dict(), "n_flagged_mad": n_mad},
         "backend": engine.backend,
         "checkpoints": [c.epoch for c in engine.checkpoints],
         "cos_per_checkpoint": cos.tolist(),

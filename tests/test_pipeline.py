@@ -342,6 +342,12 @@ def test_cli_end_to_end(small, tmp_path, capsys):
                  str(inst), *two["instances"], "-o", str(tmp_path / "t4"), "--checkpoints",
                  "last", "--quiet"]) == 1  # the mean on the same directory: refused
     assert "combine" in capsys.readouterr().err
+    # --threshold mad-split: the MAD flags refined by Otsu's split, said in the summary
+    t5 = call("trace", "--run", run, "--index", data / "index", "--instance", inst, "-o",
+              tmp_path / "t5", "--checkpoints", "last", "--k", "0.5", "--threshold",
+              "mad-split", "--json", "--quiet")
+    assert t5["threshold_rule"] == "mad-split" and t5["split"]["n_flagged_mad"] >= t5["n_flagged"]
+    assert t5["n_flagged"] == len(np.load(tmp_path / "t5" / "flagged.npy"))
     # --weighting rise needs two checkpoints; this run has one: a one-line error, exit 1
     assert main(["trace", "--run", str(run), "--index", str(data / "index"), "--instance",
                  str(inst), "-o", str(tmp_path / "t3"), "--weighting", "rise", "--quiet"]) == 1

@@ -3,8 +3,8 @@
 ``robust_stats``/``median_mad`` give the exact median and MAD of a score vector of any size
 (in memory, memmapped or a ``.npy`` path); ``flag`` returns the indices above
 ``median + k * MAD``. ``RadixSelector`` is the underlying shardable selection state machine.
-``refine_by_split`` (an experiment, not a default) keeps the upper group of a flagged set
-where Otsu's split of it is clear.
+``refine_by_split`` (an experiment, not a default; ``ffengine trace --threshold mad-split``)
+keeps the upper group of a flagged set where Otsu's split of it is clear.
 """
 
 from ffengine.detect.mad import (
@@ -26,7 +26,14 @@ from ffengine.detect.select import (
     open_scores,
     run_selection,
 )
-from ffengine.detect.split import OTSU_MIN_ETA, Split, otsu_split, refine_by_split
+from ffengine.detect.split import (
+    OTSU_MIN_ETA,
+    THRESHOLD_RULES,
+    Split,
+    otsu_split,
+    refine_by_split,
+    refine_flagged_file,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -36,6 +43,7 @@ __all__ = [
     "RadixSelector",
     "ScoreSource",
     "Split",
+    "THRESHOLD_RULES",
     "flag",
     "float_keys",
     "keys_to_floats",
@@ -45,6 +53,7 @@ __all__ = [
     "open_scores",
     "otsu_split",
     "refine_by_split",
+    "refine_flagged_file",
     "robust_stats",
     "run_selection",
     "threshold",

@@ -14,11 +14,16 @@ of the flagged scores, float64 sums), so its memory is that of the flagged set, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["OTSU_MIN_ETA", "Split", "otsu_split", "refine_by_split"]
+from ffengine.io_utils import atomic_save_npy
+from ffengine.options import THRESHOLD_RULES
+
+__all__ = ["OTSU_MIN_ETA", "THRESHOLD_RULES", "Split", "otsu_split", "refine_by_split",
+           "refine_flagged_file"]
 
 # pre-registered 2026-12-03 (docs/PREREGISTRATION.md, entry 4): 0.01 above the highest η, on
 # the runs it was picked on, of a flagged set that splitting would have hurt
@@ -33,6 +38,9 @@ class Split:
     threshold: float
     eta: float
     applied: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def otsu_split(x: np.ndarray) -> tuple[float, float]:
@@ -63,3 +71,17 @@ def refine_by_split(scores: np.ndarray, flagged: np.ndarray,
     thr, eta = otsu_split(s)
     applied = eta > 0 and eta >= min_eta
     return (flagged[s > thr] if applied else flagged), Split(thr, eta, applied)
+
+
+def refine_flagged_file(scores: str | os.PathLike[str], flagged: str | os.PathLike[str],
+                        min_eta: float | None = None) -> Split:
+    """:func:`refine_by_split` on a trace's files: ``flagged`` (a ``.npy`` of ids, as
+    :func:`ffengine.detect.flag` writes it) is rewritten atomically with the refined ids;
+    ``scores`` is read memory-mapped, only at the flagged ids. ``min_eta`` defaults to
+    :data:`OTSU_MIN_ETA`."""
+    ids = np.load(flagged)
+    det = np.load(scores, mmap_mode="r")
+    kept, split = refine_by_split(det, ids, OTSU_MIN_ETA if min_eta is None else min_eta)
+    if split.applied:
+        atomic_save_npy(flagged, kept)
+    return split

@@ -105,10 +105,14 @@ def instances_digest(instances: Sequence[Instance]) -> str:
 
 def result_metadata(engine: Engine, index: SampleIndex, instances: Sequence[Instance],
                     k: float, world_size: int = 1,
-                    instance_paths: Sequence[str] | None = None) -> dict:
-    """Everything a trace result depends on, as written to ``metadata.json``."""
+                    instance_paths: Sequence[str] | None = None,
+                    threshold: str = "mad") -> dict:
+    """Everything a trace result depends on, as written to ``metadata.json``. The
+    threshold rule is recorded only where it is not the MAD rule's, so that results written
+    before the option existed still match."""
     run = engine.run
     paths = list(instance_paths or [])
+    rule = {} if threshold == "mad" else {"threshold": threshold}
     return {
         "format_version": RESULT_FORMAT_VERSION,
         "ffengine": __version__,
@@ -123,7 +127,8 @@ def result_metadata(engine: Engine, index: SampleIndex, instances: Sequence[Inst
         "index": {"path": str(index.path), "hash": index.hash, "n": len(index)},
         "instances": [{"path": paths[i] if i < len(paths) else None,
                        "sha256": instance_sha256(inst)} for i, inst in enumerate(instances)],
-        "options": {**engine.options(), "k": float(k), "world_size": int(world_size)},
+        "options": {**engine.options(), "k": float(k), "world_size": int(world_size),
+                    **rule},
     }
 
 
