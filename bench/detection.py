@@ -37,7 +37,7 @@ from ffengine.attacks.triggers import TriggerConfig
 from ffengine.data.demo_data import demo_index
 from ffengine.data.index import SampleIndex
 from ffengine.demo import bundled_run
-from ffengine.detect import flag
+from ffengine.detect import flag, refine_by_split
 from ffengine.engine.backdoor import (
     backdoor_strength,
     find_instances,
@@ -491,10 +491,13 @@ def method_scores(terms: np.ndarray, m: Method, cos: np.ndarray | None = None) -
 def score_metrics(det: np.ndarray, m: Method, truth: dict, labels: np.ndarray, target: int,
                   domains: tuple[np.ndarray, list[str]] | None = None, *,
                   n_instances: int) -> dict:
-    """The metrics of the MAD rule with the method's ``k`` on detection scores ``det``.
+    """The metrics of the method's threshold rule (MAD with its ``k``, refined by Otsu's
+    split for ``threshold="mad-split"``, as ``trace`` flags) on detection scores ``det``.
     ``fpr_target`` / ``fpr_other``: the false-positive rate among clean images of the target
     class / of the other classes."""
     flagged = flag(det, m.k)
+    if m.threshold == "mad-split":
+        flagged, _ = refine_by_split(det, flagged)
     d = detection_metrics(flagged, truth["poisoned_ids"], truth["n"], scores=det)
     return {"dacc": d["DACC"], "fpr": d["FPR"], "fnr": d["FNR"], "auc": d["ROC_AUC"],
             "fnr_at_fpr_1pct": d["FNR_at_FPR_1pct"], "dacc_best": d["DACC_best_threshold"],

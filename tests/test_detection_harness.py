@@ -5,10 +5,13 @@ default method. The runs themselves are benchmarks, not tests."""
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from ffengine.detect import OTSU_MIN_ETA, flag, refine_by_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 detection = pytest.importorskip("detection")
@@ -197,6 +200,18 @@ def test_saved_scores_give_back_every_method_and_the_metrics_they_were_measured_
         got = detection.score_metrics(saved["scores"][m], method, truth, index.labels, 9,
                                       n_instances=want["n_instances"])
         assert got == want
+    # a method with the mad-split threshold counts the flags trace would write: here the
+    # poisons sit far above a clean tail that MAD with k = 6 flags too, and the split applies
+    split = replace(detection.METHODS["last-max16x5-k6"], threshold="mad-split")
+    x = rng.standard_normal(n)
+    x[:20] = rng.normal(40.0, 1.0, 20)
+    x[20:35] = rng.uniform(5.0, 8.0, 15)
+    mad = detection.score_metrics(x, detection.METHODS["last-max16x5-k6"], truth,
+                                  index.labels, 9, n_instances=5)
+    flagged, s = refine_by_split(x, flag(x, 6.0), OTSU_MIN_ETA)
+    got = detection.score_metrics(x, split, truth, index.labels, 9, n_instances=5)
+    assert s.applied and got["n_flagged"] == len(flagged) < mad["n_flagged"]
+    assert got["tp"] == int(np.isin(flagged, truth["poisoned_ids"]).sum()) == 20
 
 
 def test_coverage_lists_every_grid_configuration_with_its_status():
