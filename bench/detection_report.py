@@ -132,6 +132,16 @@ WHY_TRIED = [
     "0.983 → 0.982, against clean trucks 0.856 → 0.848 and 0.886 → 0.884, best-threshold "
     "DACC 0.958 → 0.957 and 0.960 → 0.958 (its DACC at k = 6 rises by flagging less, as "
     "the minimum's does). Not kept.",
+    "* the earlier checkpoints' evidence fused with the default's scores "
+    "(`bench/experiments/score_fusion.py`, 2026-12-03, from the committed scores of the 11 "
+    "SimCLR runs that took with them; in sample, so a lead for a pre-registration at most): "
+    "before the backdoor forms a clean truck should not raise the cosine, so Eq. 5's sum, or "
+    "the earlier checkpoints' part of it (`paper-5inst` − `last-x5`: epochs 15..60, the "
+    "learning rate being constant), might demote the clean trucks. It demotes the poisons "
+    "more: summed with the default's scores (robust z-scores) the worst AUC against clean "
+    "trucks falls 0.757 → 0.705 (mean over the runs 0.916 → 0.892), worst DACC at k = 6 "
+    "0.933 → 0.919; their minimum, 0.610 (0.749); the 16 draws' maximum less half their "
+    "mean 0.777 (0.878), worst DACC 0.927. No candidate to test. Not kept.",
     "* the instances' minimum instead of their mean (`--combine min`, method "
     "`last-max16min5-k6`; picked on 2026-12-02 after looking at the combined-pattern and "
     "random-location runs, the only ones with cached terms then, and pre-registered in "
