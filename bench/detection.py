@@ -538,6 +538,16 @@ def save_scores(config: str, det_by_method: dict[str, np.ndarray], truth: dict,
     return path
 
 
+def scored_configs(took_only: bool = True) -> list[str]:
+    """The configurations whose per-sample scores are committed (``SCORES_DIR``), sorted;
+    with ``took_only`` those where the attack took (by the results file's rows)."""
+    names = sorted(c.stem for c in SCORES_DIR.glob("*.npz"))
+    if not took_only:
+        return names
+    took = {r["config"] for r in load_results()["rows"] if r["took"]}
+    return [c for c in names if c in took]
+
+
 def load_scores(config: str) -> dict:
     """``save_scores``'s file: ``scores`` {method: (n,) float32} and the per-sample arrays
     (``poisoned``, ``labels``, ``domains``) and ``domain_names``."""

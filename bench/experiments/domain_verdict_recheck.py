@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from detection import METHODS, SCORES_DIR, load_results, load_scores  # noqa: E402
+from detection import METHODS, load_results, load_scores, scored_configs  # noqa: E402
 
 from ffengine.detect import flag  # noqa: E402
 from ffengine.report import domain_table  # noqa: E402
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("configs", nargs="*")
     a = p.parse_args(argv)
     rows = load_results()["rows"]
-    configs = a.configs or sorted(c.stem for c in SCORES_DIR.glob("*.npz"))
+    configs = a.configs or scored_configs(took_only=False)
     same = differ = 0
     for c in configs:
         saved = load_scores(c)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from detection import METHODS, SCORES_DIR, load_results, load_scores  # noqa: E402
+from detection import METHODS, load_scores, scored_configs  # noqa: E402
 from detection_report import matched_fpr  # noqa: E402
 
 MEAN, MIN = "last-max16x5-k6", "last-max16min5-k6"
@@ -28,8 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("configs", nargs="*")
     a = p.parse_args(argv)
-    took = {r["config"] for r in load_results()["rows"] if r["took"]}
-    configs = a.configs or sorted(c.stem for c in SCORES_DIR.glob("*.npz") if c.stem in took)
+    configs = a.configs or scored_configs()
     for c in configs:
         saved = load_scores(c)
         if not {MEAN, MIN} <= set(saved["scores"]):

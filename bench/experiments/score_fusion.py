@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from detection import SCORES_DIR, load_results, load_scores  # noqa: E402
+from detection import load_scores, scored_configs  # noqa: E402
 
 from ffengine.detect import flag  # noqa: E402
 from ffengine.metrics import detection_metrics, roc_auc  # noqa: E402
@@ -53,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("configs", nargs="*")
     a = p.parse_args(argv)
-    took = {r["config"] for r in load_results()["rows"] if r["took"]}
-    configs = a.configs or sorted(c.stem for c in SCORES_DIR.glob("*.npz") if c.stem in took)
+    configs = a.configs or scored_configs()
     worst: dict[str, list[tuple[float, ...]]] = {}
     for c in configs:
         s = load_scores(c)

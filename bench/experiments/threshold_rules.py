@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from detection import SCORES_DIR, load_results, load_scores  # noqa: E402
+from detection import load_scores, scored_configs  # noqa: E402
 
 from ffengine.detect import flag  # noqa: E402
 from ffengine.detect.split import OTSU_MIN_ETA, refine_by_split  # noqa: E402
@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("configs", nargs="*")
     p.add_argument("--method", default="last-max16x5")
     a = p.parse_args(argv)
-    took = {r["config"] for r in load_results()["rows"] if r["took"]}
-    configs = a.configs or sorted(c.stem for c in SCORES_DIR.glob("*.npz") if c.stem in took)
+    configs = a.configs or scored_configs()
     worst: dict[str, list[float]] = {}
     n_scored = 0
     for c in configs:
