@@ -86,7 +86,8 @@ def run_clip_demo(attack: str = "ct", workdir: str | Path = "ffengine-clip-demo"
     t = time.perf_counter()
     engine = Engine(run, device=device, seed=seed, progress=progress, **m.engine_options())
     trace_dir = work / f"trace-{method}-{instances_digest(found)}"
-    summary = trace(engine, index, found, trace_dir, k=m.k, instance_paths=inst_paths)
+    summary = trace(engine, index, found, trace_dir, k=m.k, instance_paths=inst_paths,
+                    threshold=m.threshold)
     timings["score_s"] = time.perf_counter() - t
     metrics = evaluate(data_dir, trace_dir)
     timings["total_s"] = time.perf_counter() - t0

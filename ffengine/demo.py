@@ -98,7 +98,8 @@ def run_demo(attack: str = "pe2", workdir: str | Path = "ffengine-demo",
     # other settings never meet its results
     trace_dir = work / (f"trace-{method}-{instances_digest(found)}"
                         + ("-bundled" if shipped is not None else ""))
-    summary = trace(engine, index, found, trace_dir, k=m.k, instance_paths=inst_paths)
+    summary = trace(engine, index, found, trace_dir, k=m.k, instance_paths=inst_paths,
+                    threshold=m.threshold)
     timings["trace_s"] = time.perf_counter() - t
     metrics = evaluate(data_dir, trace_dir)
     timings["total_s"] = time.perf_counter() - t0

@@ -190,9 +190,11 @@ def _report(engine: Engine, index: SampleIndex, out: Path, k: float, stats: MADS
     assemble(out, engine.sample_order(n), engine.chunk_size, world_size, T, D, K)
     thr = stats.threshold(k)
     flag(out / "detection_scores.npy", k, out=out / "flagged.npy", stats=stats)
-    n_mad = int(np.load(out / "flagged.npy", mmap_mode="r").shape[0])
-    split = (refine_flagged_file(out / "detection_scores.npy", out / "flagged.npy")
-             if threshold == "mad-split" else None)
+    split = None  # mad-split: Otsu's cut of the MAD-flagged scores, and the MAD count
+    if threshold == "mad-split":
+        n_mad = int(np.load(out / "flagged.npy", mmap_mode="r").shape[0])
+        cut = refine_flagged_file(out / "detection_scores.npy", out / "flagged.npy")
+        split = {**cut.to_dict(), "n_flagged_mad": n_mad}
     flagged = np.load(out / "flagged.npy")
     rows = domain_table(flagged, index.domains, index.domain_names,
                         skipped_ids=[i for i, _ in skipped])
@@ -213,7 +215,7 @@ def _report(engine: Engine, index: SampleIndex, out: Path, k: float, stats: MADS
         "threshold_rule": threshold,
         # mad-split: Otsu's cut of the MAD-flagged scores, its η, whether it applied, and how
         # many the MAD rule alone flagged; null for "mad"
-        "split": None if split is None else {**split.to_dict(), "n_flagged_mad": n_mad},
+        "split": split,
         "backend": engine.backend,
         "checkpoints": [c.epoch for c in engine.checkpoints],
         "cos_per_checkpoint": cos.tolist(),

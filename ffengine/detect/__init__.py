@@ -28,7 +28,6 @@ from ffengine.detect.select import (
 )
 from ffengine.detect.split import (
     OTSU_MIN_ETA,
-    THRESHOLD_RULES,
     Split,
     otsu_split,
     refine_by_split,
@@ -43,7 +42,6 @@ __all__ = [
     "RadixSelector",
     "ScoreSource",
     "Split",
-    "THRESHOLD_RULES",
     "flag",
     "float_keys",
     "keys_to_floats",

@@ -20,10 +20,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ffengine.io_utils import atomic_save_npy
-from ffengine.options import THRESHOLD_RULES
 
-__all__ = ["OTSU_MIN_ETA", "THRESHOLD_RULES", "Split", "otsu_split", "refine_by_split",
-           "refine_flagged_file"]
+__all__ = ["OTSU_MIN_ETA", "Split", "otsu_split", "refine_by_split", "refine_flagged_file"]
 
 # pre-registered 2026-12-03 (docs/PREREGISTRATION.md, entry 4): 0.01 above the highest η, on
 # the runs it was picked on, of a flagged set that splitting would have hurt
