@@ -47,8 +47,12 @@ def plot_score_distribution(
     title: str | None = None,
     *,
     bins: int = 100,
+    cut: float | None = None,
 ) -> Path:
     """Histogram of ``scores`` (shape ``(n,)``, log-scaled counts) with the threshold line.
+
+    ``cut``: a second threshold in use above the first, drawn as its own line (the trace's
+    ``--threshold mad-split`` passes Otsu's cut of the MAD-flagged scores where it applied).
 
     With ``truth_ids`` the poisoned and clean samples are drawn in separate colours (as in
     Figure 2 of the FoundationForensics paper). NaN and infinite scores cannot be placed on
@@ -99,6 +103,9 @@ def plot_score_distribution(
         ax.hist(centers, bins=edges, weights=total, color=_CLEAN_COLOR, alpha=0.85,
                 label=f"all ({n})")
     ax.axvline(thr, color="black", linestyle="--", linewidth=1.2, label=f"threshold {thr:.4g}")
+    if cut is not None:
+        ax.axvline(float(cut), color="black", linestyle=":", linewidth=1.4,
+                   label=f"split cut {float(cut):.4g}")
     if n_nan or n_inf:
         ax.plot([], [], " ", label=f"not shown: {n_nan} NaN, {n_inf} inf")
     if total.any():  # a log axis needs a positive count (all-NaN input has none)

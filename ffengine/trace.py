@@ -12,7 +12,8 @@ A finished result directory holds::
     domains.json / .txt    flagged / scored total per source domain (skipped samples counted
                            apart) and the domain-level verdict
                            (a Fisher exact test against the other domains), suspicious first
-    scores.png             score distribution with the threshold
+    scores.png             score distribution with the threshold (and Otsu's cut where
+                           ``mad-split`` applied it)
     summary.json           counts, threshold, backend, skipped samples, suspicious
                            domains; written last
 
@@ -202,7 +203,8 @@ def _report(engine: Engine, index: SampleIndex, out: Path, k: float, stats: MADS
     atomic_write_bytes(out / "domains.txt", format_domain_table(rows).encode())
     det = np.load(out / "detection_scores.npy", mmap_mode="r")
     plot_score_distribution(det, float(thr), out / "scores.png",
-                            title=f"maliciousness scores (n={n}, k={k:g})")
+                            title=f"maliciousness scores (n={n}, k={k:g})",
+                            cut=split["threshold"] if split and split["applied"] else None)
     del det
     summary = {
         "n": n,

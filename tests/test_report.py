@@ -51,6 +51,15 @@ def test_plot_without_truth_with_nan_inf_and_constant_scores(tmp_path):
     assert b"<svg" in (tmp_path / "b.svg").read_bytes()[:500]
 
 
+def test_plot_draws_the_split_cut_only_when_given(tmp_path, np_rng):
+    scores = np_rng.standard_normal(500)
+    # the SVG backend writes each text element's string as a comment beside its glyphs
+    with_cut = plot_score_distribution(scores, 1.5, tmp_path / "c.svg", cut=2.25).read_text()
+    assert "threshold 1.5" in with_cut and "split cut 2.25" in with_cut
+    without = plot_score_distribution(scores, 1.5, tmp_path / "n.svg").read_text()
+    assert "threshold 1.5" in without and "split cut" not in without
+
+
 def test_plot_from_memmap(tmp_path, np_rng):
     np.save(tmp_path / "s.npy", np_rng.standard_normal(1000))
     scores = np.load(tmp_path / "s.npy", mmap_mode="r")

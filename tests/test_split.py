@@ -111,6 +111,7 @@ def test_trace_threshold_mad_split_flags_the_refined_set(trace_setup, tmp_path, 
     where it is clear, recorded in the summary and in the metadata (a directory traced with
     the other rule is refused)."""
     import ffengine.detect.split as split_mod
+    import ffengine.trace as trace_mod
     from ffengine.engine.scoring import Engine
     from ffengine.errors import ConfigError, ManifestMismatchError
     from ffengine.trace import trace
@@ -124,6 +125,10 @@ def test_trace_threshold_mad_split_flags_the_refined_set(trace_setup, tmp_path, 
     det = np.load(tmp_path / "mad" / "detection_scores.npy")
     mad_flags = np.load(tmp_path / "mad" / "flagged.npy")
     np.testing.assert_array_equal(mad_flags, flag(det, k))
+    plotted = {}  # scores.png gets Otsu's cut only where the split applied
+    real_plot = trace_mod.plot_score_distribution
+    monkeypatch.setattr(trace_mod, "plot_score_distribution",
+                        lambda *a, **kw: plotted.update(kw) or real_plot(*a, **kw))
     for min_eta in (0.0, 1.0):  # the split applied, then not
         monkeypatch.setattr(split_mod, "OTSU_MIN_ETA", min_eta)
         out = tmp_path / f"split-{min_eta}"
@@ -135,6 +140,7 @@ def test_trace_threshold_mad_split_flags_the_refined_set(trace_setup, tmp_path, 
         assert s["threshold_rule"] == "mad-split" and s["n_flagged"] == len(ref)
         assert s["split"] == {**ref_split.to_dict(), "n_flagged_mad": len(mad_flags)}
         assert s["split"]["applied"] == (min_eta == 0.0) and 0 < s["split"]["eta"] < 1
+        assert plotted["cut"] == (s["split"]["threshold"] if min_eta == 0.0 else None)
         meta = json.loads((out / "metadata.json").read_text())
         assert meta["options"]["threshold"] == "mad-split"
         assert sum(r["flagged"] for r in json.loads((out / "domains.json").read_text())) \
