@@ -1,11 +1,15 @@
 // CPU implementation of the ghost score (see ghost_score.h for shapes and formula).
 //
-// Work split: samples are grouped into small blocks (about kRowsPerBlock rows (i, v) of h);
-// OpenMP runs blocks in parallel. Inside a block, G_w is walked two rows at a time and each
-// pair is dotted with the block's h rows four at a time (a 2×4 register tile, inner loop over
-// the contiguous d_in); each product G_w[k, o]·h_{i,v} is weighted by δ_{i,v,o} and
-// accumulated in double. G_w is streamed once per block rather than once per sample, the h
-// rows of a block stay in L1/L2, and no d_out×d_in per-sample gradient is ever formed.
+// The hot part is Σ_o δ_{r,o} (G_w[k, o] · h_r) for every row r = (i, v) of h: a GEMM
+// (rows × d_in)·(d_in × K d_out) whose result is contracted with δ at once, so the
+// (rows × K d_out) product is never written out (the torch composite writes it, then
+// multiplies by δ and sums). G_w is first packed into panels of kPanel outputs, each stored
+// feature-major, so that one vector load reads kPanel outputs of one input feature; a
+// kTileRows × kPanel register tile then accumulates over d_in (the GEMM micro-kernel shape of
+// BLIS and oneDNN), and the finished tile is weighted by δ and summed over its outputs in
+// double. Rows are grouped into blocks of about kRowsPerBlock (their h rows stay in L2 while
+// every G panel passes over them); OpenMP runs blocks in parallel. No d_out×d_in per-sample
+// gradient is ever formed.
 #include "ghost_score.h"
 
 #include <algorithm>
@@ -18,22 +22,19 @@
 namespace ffengine {
 namespace {
 
-constexpr int64_t kRowsPerBlock = 16;
+constexpr int64_t kRowsPerBlock = 96;
+constexpr int kTileRows = 5;
+
+// Outputs per G panel: 64 bytes, two AVX2 vectors or one AVX-512 vector of float; with
+// kTileRows rows the float tile takes 12 of AVX2's 16 vector registers.
+template <typename T>
+constexpr int kPanel = static_cast<int>(64 / sizeof(T));
 
 #if defined(__GNUC__)
 #define FFE_INLINE inline __attribute__((always_inline))
 #else
 #define FFE_INLINE inline
 #endif
-
-// Σ_j a[j] b[j] in T (the inner, length-d_in loop; vectorized with partial sums).
-template <typename T>
-FFE_INLINE T dot(const T* a, const T* b, int64_t n) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
-  return s;
-}
 
 // Same, accumulated in double (used for the cheap V×V Gram matrices of sqnorm).
 template <typename T>
@@ -44,85 +45,78 @@ FFE_INLINE double dot_f64(const T* a, const T* b, int64_t n) {
   return s;
 }
 
-// Dot products of G rows g0, g1 with h rows x0..x3 (a 2×4 tile): every loaded element
-// serves several products.
+int64_t n_panels(const GhostShape& s, int64_t panel) { return (s.d_out + panel - 1) / panel; }
+
+// Panel p of instance k: Gp[((k·P + p)·d_in + j)·NR + c] = G_w[k, p·NR + c, j], zero for
+// outputs past d_out (they meet zero weights, see tile_dots).
 template <typename T>
-FFE_INLINE void dot_2x4(const T* g0, const T* g1, const T* x0, const T* x1, const T* x2,
-                        const T* x3, int64_t n, T* out0, T* out1) {
-  T a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
-  for (int64_t j = 0; j < n; ++j) {
-    const T u = g0[j], w = g1[j];
-    const T y0 = x0[j], y1 = x1[j], y2 = x2[j], y3 = x3[j];
-    a0 += u * y0;
-    a1 += u * y1;
-    a2 += u * y2;
-    a3 += u * y3;
-    b0 += w * y0;
-    b1 += w * y1;
-    b2 += w * y2;
-    b3 += w * y3;
+void pack_panel(const T* G_w, const GhostShape& s, int64_t k, int64_t p, T* Gp) {
+  constexpr int NR = kPanel<T>;
+  const int64_t d_in = s.d_in, P = n_panels(s, NR), o0 = p * NR;
+  const int64_t nc = std::min<int64_t>(NR, s.d_out - o0);
+  T* dst = Gp + (k * P + p) * d_in * NR;
+  for (int64_t c = 0; c < NR; ++c) {
+    if (c < nc) {
+      const T* src = G_w + (k * s.d_out + o0 + c) * d_in;
+      for (int64_t j = 0; j < d_in; ++j) dst[j * NR + c] = src[j];
+    } else {
+      for (int64_t j = 0; j < d_in; ++j) dst[j * NR + c] = T(0);
+    }
   }
-  out0[0] = a0, out0[1] = a1, out0[2] = a2, out0[3] = a3;
-  out1[0] = b0, out1[1] = b1, out1[2] = b2, out1[3] = b3;
 }
 
-// One G row g with h rows x0..x3.
-template <typename T>
-FFE_INLINE void dot_1x4(const T* g, const T* x0, const T* x1, const T* x2, const T* x3,
-                        int64_t n, T* out) {
-  T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-  for (int64_t j = 0; j < n; ++j) {
-    const T gj = g[j];
-    s0 += gj * x0[j];
-    s1 += gj * x1[j];
-    s2 += gj * x2[j];
-    s3 += gj * x3[j];
+// For MR rows of h starting at x (row stride d_in) and one packed panel gp:
+// out[r] += Σ_{c < nc} δ[r, c] · Σ_j x[r, j] gp[j, c], the inner sum in a register tile.
+template <typename T, int MR>
+FFE_INLINE void tile_dots(const T* x, const T* delta, int64_t d_in, int64_t d_out,
+                          const T* gp, int64_t nc, double* out, int64_t out_stride) {
+  constexpr int NR = kPanel<T>;
+  T c[MR][NR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma omp simd
+    for (int t = 0; t < NR; ++t) c[r][t] = T(0);
+  for (int64_t j = 0; j < d_in; ++j) {
+    const T* g = gp + j * NR;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const T a = x[r * d_in + j];
+#pragma omp simd
+      for (int t = 0; t < NR; ++t) c[r][t] += a * g[t];
+    }
   }
-  out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+  for (int r = 0; r < MR; ++r) {
+    const T* dr = delta + r * d_out;
+    double s = 0;
+    for (int64_t t = 0; t < nc; ++t) s += static_cast<double>(dr[t]) * static_cast<double>(c[r][t]);
+    out[r * out_stride] += s;
+  }
 }
 
-// acc[(r - r0) * K + k] += Σ_o δ_{r,o} (G_w[k, o] · h_r) for the rows r = (i, v) of one block.
-// The hot loop: a small GEMM (rows × d_in)·(d_in × K d_out) fused with the δ contraction.
+// acc[(r - r0) * K + k] += Σ_o δ_{r,o} (G_w[k, o] · h_r) for the rows r of one block, from
+// the packed panels: each panel passes once over the block's rows, kTileRows at a time.
 template <typename T>
-FFE_INLINE void block_dots_impl(const T* h, const T* delta, const T* G_w, const GhostShape& s,
+FFE_INLINE void block_dots_impl(const T* h, const T* delta, const T* Gp, const GhostShape& s,
                                 int64_t r0, int64_t r1, double* acc) {
-  const int64_t d_in = s.d_in, d_out = s.d_out, K = s.K;
-  auto add = [&](int64_t r, int64_t k, int64_t o, T p) {
-    acc[(r - r0) * K + k] += static_cast<double>(delta[r * d_out + o]) * static_cast<double>(p);
-  };
+  constexpr int NR = kPanel<T>;
+  const int64_t d_in = s.d_in, d_out = s.d_out, K = s.K, P = n_panels(s, NR);
   for (int64_t k = 0; k < K; ++k) {
-    const T* Gk = G_w + k * d_out * d_in;
-    int64_t o = 0;
-    for (; o + 2 <= d_out; o += 2) {
-      const T* g0 = Gk + o * d_in;
-      const T* g1 = g0 + d_in;
-      int64_t r = r0;
-      for (; r + 4 <= r1; r += 4) {
-        T p0[4], p1[4];
+    for (int64_t p = 0; p < P; ++p) {
+      const T* gp = Gp + (k * P + p) * d_in * NR;
+      const int64_t o0 = p * NR, nc = std::min<int64_t>(NR, d_out - o0);
+      for (int64_t r = r0; r < r1; r += kTileRows) {
         const T* x = h + r * d_in;
-        dot_2x4(g0, g1, x, x + d_in, x + 2 * d_in, x + 3 * d_in, d_in, p0, p1);
-        for (int64_t t = 0; t < 4; ++t) {
-          add(r + t, k, o, p0[t]);
-          add(r + t, k, o + 1, p1[t]);
+        const T* dl = delta + r * d_out + o0;
+        double* out = acc + (r - r0) * K + k;
+        switch (std::min<int64_t>(kTileRows, r1 - r)) {
+          case 6: tile_dots<T, 6>(x, dl, d_in, d_out, gp, nc, out, K); break;
+          case 5: tile_dots<T, 5>(x, dl, d_in, d_out, gp, nc, out, K); break;
+          case 4: tile_dots<T, 4>(x, dl, d_in, d_out, gp, nc, out, K); break;
+          case 3: tile_dots<T, 3>(x, dl, d_in, d_out, gp, nc, out, K); break;
+          case 2: tile_dots<T, 2>(x, dl, d_in, d_out, gp, nc, out, K); break;
+          default: tile_dots<T, 1>(x, dl, d_in, d_out, gp, nc, out, K); break;
         }
       }
-      for (; r < r1; ++r) {
-        add(r, k, o, dot(g0, h + r * d_in, d_in));
-        add(r, k, o + 1, dot(g1, h + r * d_in, d_in));
-      }
-    }
-    for (; o < d_out; ++o) {
-      const T* g = Gk + o * d_in;
-      int64_t r = r0;
-      for (; r + 4 <= r1; r += 4) {
-        T p[4];
-        const T* x = h + r * d_in;
-        dot_1x4(g, x, x + d_in, x + 2 * d_in, x + 3 * d_in, d_in, p);
-        for (int64_t t = 0; t < 4; ++t) add(r + t, k, o, p[t]);
-      }
-      for (; r < r1; ++r) add(r, k, o, dot(g, h + r * d_in, d_in));
     }
   }
 }
@@ -138,26 +132,27 @@ FFE_INLINE void block_dots_impl(const T* h, const T* delta, const T* G_w, const 
 #define FFE_MULTIVERSION
 #endif
 
-FFE_MULTIVERSION void block_dots(const float* h, const float* delta, const float* G_w,
+FFE_MULTIVERSION void block_dots(const float* h, const float* delta, const float* Gp,
                                  const GhostShape& s, int64_t r0, int64_t r1, double* acc) {
-  block_dots_impl(h, delta, G_w, s, r0, r1, acc);
+  block_dots_impl(h, delta, Gp, s, r0, r1, acc);
 }
 
-FFE_MULTIVERSION void block_dots(const double* h, const double* delta, const double* G_w,
+FFE_MULTIVERSION void block_dots(const double* h, const double* delta, const double* Gp,
                                  const GhostShape& s, int64_t r0, int64_t r1, double* acc) {
-  block_dots_impl(h, delta, G_w, s, r0, r1, acc);
+  block_dots_impl(h, delta, Gp, s, r0, r1, acc);
 }
 
-// Scores samples [i0, i1). `acc` is scratch of size (i1 - i0) * V * K.
+// Scores samples [i0, i1) (Gp: G_w packed by pack_panel). `acc` is scratch of size
+// (i1 - i0) * V * K.
 template <typename T>
-void score_block(const T* h, const T* delta, const T* G_w, const T* G_b, const GhostShape& s,
+void score_block(const T* h, const T* delta, const T* Gp, const T* G_b, const GhostShape& s,
                  int64_t i0, int64_t i1, T* dots, T* sqnorm, std::vector<double>& acc,
                  std::vector<double>& delta_sum) {
   const int64_t V = s.V, d_in = s.d_in, d_out = s.d_out, K = s.K;
   const int64_t r0 = i0 * V, r1 = i1 * V, nr = r1 - r0;
   acc.assign(static_cast<size_t>(nr * K), 0.0);
 
-  block_dots(h, delta, G_w, s, r0, r1, acc.data());
+  block_dots(h, delta, Gp, s, r0, r1, acc.data());
 
   delta_sum.assign(static_cast<size_t>(d_out), 0.0);
   for (int64_t i = i0; i < i1; ++i) {
@@ -207,16 +202,29 @@ void ghost_score_cpu(const T* h, const T* delta, const T* G_w, const T* G_b,
                      const GhostShape& shape, T* dots, T* sqnorm, int num_threads) {
   const int64_t B = shape.B;
   if (B == 0) return;
-  const int64_t samples_per_block = std::max<int64_t>(1, kRowsPerBlock / std::max<int64_t>(1, shape.V));
-  const int64_t n_blocks = (B + samples_per_block - 1) / samples_per_block;
-
 #ifdef FFENGINE_HAVE_OPENMP
   const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
-#pragma omp parallel num_threads(threads)
 #else
   (void)num_threads;
+  const int threads = 1;
+#endif
+  // Blocks of about kRowsPerBlock rows, but at least one block per thread.
+  const int64_t V = std::max<int64_t>(1, shape.V);
+  const int64_t samples_per_block = std::max<int64_t>(
+      1, std::min<int64_t>(kRowsPerBlock / V, (B + threads - 1) / threads));
+  const int64_t n_blocks = (B + samples_per_block - 1) / samples_per_block;
+  const int64_t P = n_panels(shape, kPanel<T>);
+  std::vector<T> Gp(static_cast<size_t>(shape.K * P * shape.d_in * kPanel<T>));
+
+#ifdef FFENGINE_HAVE_OPENMP
+#pragma omp parallel num_threads(threads)
 #endif
   {
+#ifdef FFENGINE_HAVE_OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t kp = 0; kp < shape.K * P; ++kp) pack_panel(G_w, shape, kp / P, kp % P, Gp.data());
+    // (the implicit barrier of the loop above: every panel is packed before any block reads it)
     std::vector<double> acc, delta_sum;
 #ifdef FFENGINE_HAVE_OPENMP
 #pragma omp for schedule(dynamic, 1)
@@ -224,7 +232,7 @@ void ghost_score_cpu(const T* h, const T* delta, const T* G_w, const T* G_b,
     for (int64_t blk = 0; blk < n_blocks; ++blk) {
       const int64_t i0 = blk * samples_per_block;
       const int64_t i1 = std::min(B, i0 + samples_per_block);
-      score_block(h, delta, G_w, G_b, shape, i0, i1, dots, sqnorm, acc, delta_sum);
+      score_block(h, delta, Gp.data(), G_b, shape, i0, i1, dots, sqnorm, acc, delta_sum);
     }
   }
 }

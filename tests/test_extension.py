@@ -63,6 +63,21 @@ def test_direct_call_matches_reference(ext, np_rng, dtype, bias):
         assert np.abs(got - want).max() <= tol * np.abs(want).max()
 
 
+# The compiled op packs G_w into panels of 64 bytes of outputs (16 float, 8 double) and runs a
+# register tile of 5 rows of h: every remainder of rows (B·V) and outputs (d_out) against them.
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("d_out", [1, 7, 8, 9, 15, 16, 17, 33])
+@pytest.mark.parametrize("B, V", [(1, 1), (1, 2), (2, 2), (3, 1), (3, 2), (5, 1), (6, 2), (13, 1)])
+def test_direct_call_at_tile_and_panel_remainders(ext, np_rng, dtype, d_out, B, V):
+    h, delta, G_w, G_b = _arrays(np_rng, dtype, B=B, V=V, d_in=11, d_out=d_out, K=2)
+    dots, sqnorm = ext.ghost_score(h, delta, G_w, G_b, num_threads=2)
+    ref = ghost_score_reference(*(torch.from_numpy(a).double() for a in (h, delta, G_w, G_b)))
+    tol = TOLERANCES[torch.from_numpy(h).dtype]
+    for got, want in zip((dots, sqnorm), ref, strict=True):
+        want = want.numpy()
+        assert np.abs(got - want).max() <= tol * np.abs(want).max()
+
+
 def test_thread_count_does_not_change_results(ext, np_rng):
     h, delta, G_w, G_b = _arrays(np_rng, np.float32, B=33)
     one = ext.ghost_score(h, delta, G_w, G_b, num_threads=1)

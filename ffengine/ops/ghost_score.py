@@ -47,10 +47,11 @@ _MAX_INTERMEDIATE_ELEMENTS = 1 << 24
 # CUDA: the fused Triton kernels keep each tile of G·h in registers and reduce it against δ
 # at once, where the torch composite writes the whole (B·V, K·d_out) product to memory and
 # reads it back. (Expected, not yet measured on a GPU: bench/bench_ghost_score.py.)
-# CPU: the torch composite (one GEMM + bmm) was measured 1.5-3x faster than the compiled
-# "cpu" op at B=512, V=2, d_in=512, d_out in {128, 512}, K in {1, 8} (float32, the project's
-# 2-core Intel Xeon VM, torch 2.x; bench/bench_ghost_score.py). Not re-measured with this
-# change (the machine was busy pre-training); bench/README.md, "Ghost score kernels".
+# CPU: the compiled "cpu" op (packed G panels, a register tile fused with the δ contraction)
+# took 0.73-0.90x the torch composite's time at K=1 and 1.04-1.08x at K=8 (B=512, V=2,
+# d_in=512, d_out in {128, 512}, float32, one thread, the 2-core AMD EPYC VM, 2026-12-03;
+# bench/README.md, "Ghost score kernels"). Level at K=8 and unmeasured with more threads, so
+# torch stays first; the backbone dominates a trace's time on CPU either way.
 # Triton on CPU tensors runs in its interpreter, a test mode: never auto's choice.
 _AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "torch"),
