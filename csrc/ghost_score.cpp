@@ -23,10 +23,12 @@ namespace ffengine {
 namespace {
 
 constexpr int64_t kRowsPerBlock = 96;
+// Rows per register tile: with kPanel floats (two AVX2 vectors) per row the float tile holds
+// ten accumulators, plus two G vectors and one broadcast h value: 13 of AVX2's 16 vector
+// registers. Six rows (twelve accumulators) measured slower: GCC spilled one to the stack.
 constexpr int kTileRows = 5;
 
-// Outputs per G panel: 64 bytes, two AVX2 vectors or one AVX-512 vector of float; with
-// kTileRows rows the float tile takes 12 of AVX2's 16 vector registers.
+// Outputs per G panel: 64 bytes, two AVX2 vectors or one AVX-512 vector of float.
 template <typename T>
 constexpr int kPanel = static_cast<int>(64 / sizeof(T));
 
