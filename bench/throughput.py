@@ -16,7 +16,10 @@ one JSON object on stdout (``--json``).
 * ``inference_sps``: the backbone alone on batches of 256 views under inference_mode (what
   the engine feeds it: one view of a 256-sample scoring batch).
 * ``engine_sps``: ``Engine(run).score(index, instances)`` per backend (decode, augment,
-  backbone, ghost score), K = 1 and K = 8 instances.
+  backbone, ghost score), K = 1 and K = 8 instances, with the backbone eager; the keys
+  ``BACKEND+compile/K=..`` run it through ``torch.compile`` (``compile_backbone="on"``),
+  timed after a warm-up pass on 64 samples that compiles it (``compile_s``: that pass).
+* ``inference_compiled_sps``: plain inference through ``torch.compile`` (after warm-up).
 * ``reference_sps``: the same Engine with ``reference=True`` (per-sample autograd on the
   head, materialized gradients), on ``--n-slow`` samples.
 * ``vmap_sps``: per-sample head gradients materialized with ``torch.func.vmap(grad(...))``
@@ -101,6 +104,8 @@ def measure(root: Path, what: str, backend: str, K: int, n_slow: int,
     run = Run(root / "run")
     index = SampleIndex(root / "index")
     insts = [load_instance(root / "instances" / f"{k:02d}") for k in range(K)]
+    backend, _, compiled = backend.partition("+")  # "torch+compile": compiled backbone
+    extra: dict = {}
     if what == "inference":
         # the memory format the engine uses on this device (channels-last on CUDA), batches
         # of 256 views: what the engine feeds the backbone (one view of a scoring batch)
@@ -109,19 +114,29 @@ def measure(root: Path, what: str, backend: str, K: int, n_slow: int,
         model = run.load_model(run.checkpoints[-1], device).to(memory_format=fmt)
         x = torch.rand(256, 3, 32, 32, device=device).contiguous(memory_format=fmt)
         n_views = 2 * len(index)
+        forward = torch.compile(model.features) if compiled else model.features
         with torch.inference_mode():
-            model.features(x)  # warm-up
+            t0 = time.perf_counter()
+            forward(x)  # warm-up (compiles)
             _sync(device)
+            extra["compile_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             for _ in range(max(1, n_views // 256)):
-                model.features(x)
+                forward(x)
             _sync(device)
             dt = time.perf_counter() - t0
         images = 256 * max(1, n_views // 256)
     elif what in ("engine", "reference"):
         sub = index if what == "engine" else _head(index, n_slow, root)
         eng = Engine(run, checkpoints="last", backend=backend, progress=False,
-                     reference=what == "reference", device=device)
+                     reference=what == "reference", device=device,
+                     compile_backbone="on" if compiled else "off")
+        if compiled:  # compile on a small pass first: the figure is the steady state
+            t0 = time.perf_counter()
+            eng.score(_head(index, 64, root), insts, check_index=False)
+            extra["compile_s"] = time.perf_counter() - t0
+            if not eng.backbone_compiled:
+                raise RuntimeError(f"the backbone did not compile: {eng.backbone_fallback}")
         t0 = time.perf_counter()
         eng.score(sub, insts, check_index=False)  # ``sub`` may be a prefix of the run's data
         _sync(device)
@@ -136,7 +151,7 @@ def measure(root: Path, what: str, backend: str, K: int, n_slow: int,
     gpu = ({"gpu_peak_mib": torch.cuda.max_memory_allocated(device) / 2 ** 20}
            if torch.device(device).type == "cuda" else {})
     return {"images_per_s": images / dt, "seconds": dt, "images": images,
-            "peak_mib": _peak_mib(), **gpu}
+            "peak_mib": _peak_mib(), **gpu, **extra}
 
 
 def _head(index, n: int, root: Path):
@@ -276,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="samples for the full-width ResNet-18 (slow on CPU)")
     p.add_argument("--n-slow", type=int, default=256, help="samples for reference and vmap")
     p.add_argument("--backends", default=None,
-                   help="default: torch,cpu on CPU; torch,triton on CUDA")
+                   help="default: torch,cpu,torch+compile,cpu+compile on CPU; torch,triton,"
+                        "triton+compile on CUDA (+compile: the backbone via torch.compile)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda where it exists)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--child", nargs=6, metavar=("ROOT", "WHAT", "BACKEND", "K", "NSLOW", "DEV"),
@@ -294,9 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = torch.device(device).type == "cuda"
     backends = a.backends.split(",") if a.backends else (
-        ["torch", "triton"] if on_gpu else ["torch", "cpu"])
-    if "cpu" in backends and (on_gpu or not _ext.extension_available()):
-        backends.remove("cpu")
+        ["torch", "triton", "triton+compile"] if on_gpu else ["torch", "cpu", "torch+compile",
+                                                              "cpu+compile"])
+    if on_gpu or not _ext.extension_available():  # the compiled C++ op: CPU, where built
+        backends = [b for b in backends if b.partition("+")[0] != "cpu"]
     card = f", {torch.cuda.get_device_name(device)}" if on_gpu else ""
     out = {"machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                       f"{torch.get_num_threads()} threads{card}",
@@ -314,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
                 row["inference_sps"] = r["images_per_s"]
                 row["inference_peak_mib"] = r["peak_mib"]
                 _gpu_peak(row, "inference", r)
+                if n == sizes[0]:
+                    r = _child([str(root), "inference", "torch+compile", "1", str(a.n_slow),
+                                device])
+                    row["inference_compiled_sps"] = r["images_per_s"]
+                    row["inference_compile_s"] = r["compile_s"]
                 row["engine_sps"], row["engine_peak_mib"] = {}, {}
                 # the larger sizes show how memory grows with n: one backend, K = 1
                 grid = [(b, K) for b in backends for K in (1, 8)] if n == sizes[0] else [
@@ -322,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
                     r = _child([str(root), "engine", b, str(K), str(a.n_slow), device])
                     row["engine_sps"][f"{b}/K={K}"] = r["images_per_s"]
                     row["engine_peak_mib"][f"{b}/K={K}"] = r["peak_mib"]
+                    if "compile_s" in r:
+                        row.setdefault("engine_compile_s", {})[f"{b}/K={K}"] = r["compile_s"]
                     _gpu_peak(row, "engine", r, f"{b}/K={K}")
                 if n == sizes[0]:
                     for what in ("reference", "vmap", "naive"):
@@ -351,15 +375,21 @@ def _print_row(model: str, row: dict) -> None:
     inf = row["inference_sps"]
     lines = [f"{model} n={row['n']}: inference {inf:.0f} img/s "
              f"({row['inference_peak_mib']:.0f} MiB)"]
+    if "inference_compiled_sps" in row:
+        lines.append(f"  inference compiled  {row['inference_compiled_sps']:8.0f} img/s  "
+                     f"{row['inference_compiled_sps'] / inf:5.2f}x inference  (compile "
+                     f"{row['inference_compile_s']:.0f} s)")
     for key, v in row["engine_sps"].items():
         lines.append(f"  engine {key:12s} {v:8.0f} img/s  {v / inf:5.2f}x inference  "
                      f"{row['engine_peak_mib'][key]:.0f} MiB")
     for what in ("reference", "vmap", "naive"):
         if f"{what}_sps" in row:
             v = row[f"{what}_sps"]
+            best = max(row["engine_sps"].items(), key=lambda kv: kv[1] if kv[0].endswith(
+                "/K=1") else -1)
             lines.append(f"  {what:9s}           {v:8.1f} img/s  engine(torch,K=1) is "
-                         f"{row['engine_sps'].get('torch/K=1', float('nan')) / v:.1f}x  "
-                         f"{row[f'{what}_peak_mib']:.0f} MiB")
+                         f"{row['engine_sps'].get('torch/K=1', float('nan')) / v:.1f}x, "
+                         f"({best[0]}) {best[1] / v:.1f}x  {row[f'{what}_peak_mib']:.0f} MiB")
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 

@@ -10,6 +10,7 @@ COMBINES = ("mean", "min")  # how the K instances' scores make one detection sco
 CHECKPOINT_WEIGHTS = ("lr", "rise")  # how checkpoints count besides their learning rate
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")  # ghost-score kernels
 PRECISIONS = ("float32", "bfloat16")  # of the backbone forward
+COMPILE_MODES = ("auto", "on", "off")  # the backbone forward through torch.compile
 # how the flagged set is cut: the paper's MAD rule, or the MAD flags refined by Otsu's split
 # where it is clear (ffengine.detect.split; an experiment, not a default)
 THRESHOLD_RULES = ("mad", "mad-split")

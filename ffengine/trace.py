@@ -51,6 +51,7 @@ from .engine.distributed import Dist
 from .engine.instance import Instance
 from .engine.scoring import Engine, checkpoint_weights
 from .engine.store import (
+    METADATA,
     PARTIAL_DIR,
     SUMMARY,
     ChunkLayout,
@@ -70,6 +71,18 @@ from .report import (
     plot_score_distribution,
     reference_class_share,
 )
+
+
+def _keep_started_backend(engine: Engine, out: Path) -> None:
+    """A trace resumed with the backend left to auto keeps the backend it was started with
+    (auto's choice may have changed since: another version, machine or extension build), so
+    that its pieces are all scored alike; an explicit ``backend`` is checked as usual."""
+    try:
+        started = json.loads((out / METADATA).read_text())["options"]["backend"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a fresh directory, or not a trace: open_result_dir says what is wrong
+    if isinstance(started, str):
+        engine.adopt_backend(started)
 
 
 def trace(engine: Engine, index: SampleIndex, instances: Sequence[Instance], out: str | Path,
@@ -101,6 +114,8 @@ def trace(engine: Engine, index: SampleIndex, instances: Sequence[Instance], out
         raise ConfigError("trace needs at least one backdoor instance.")
     dist = distributed.current() if dist is None else dist
     out = Path(out)
+
+    _keep_started_backend(engine, out)
 
     def check() -> str | None:
         engine.run.check_index(index.hash, index.path)
@@ -219,6 +234,10 @@ def _report(engine: Engine, index: SampleIndex, out: Path, k: float, stats: MADS
         # many the MAD rule alone flagged; null for "mad"
         "split": split,
         "backend": engine.backend,
+        # the backbone forward of this call: "compiled" (torch.compile) or "eager", and why
+        # a compiled one went back to eager (null if it did not); outputs agree to rounding
+        "backbone": "compiled" if engine.backbone_compiled else "eager",
+        "backbone_fallback": engine.backbone_fallback,
         "checkpoints": [c.epoch for c in engine.checkpoints],
         "cos_per_checkpoint": cos.tolist(),
         "draws": engine.draws,

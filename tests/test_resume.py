@@ -185,6 +185,39 @@ def test_crash_between_pieces_then_resume(trace_setup, straight, tmp_path, monke
     assert_same_results(out, straight[0])
 
 
+def test_a_resume_left_to_auto_keeps_the_backend_the_trace_began_with(
+        trace_setup, tmp_path, monkeypatch, ext):
+    """auto's choice may change between the interrupted call and the resume (here: a trace
+    begun on the torch backend, auto now taking the compiled op); the resume keeps the
+    backend recorded in the directory, where a backend named explicitly must match it."""
+    out = tmp_path / "t"
+    real = RankStore.write_piece
+    calls = []
+
+    def dying(self, *a, **k):
+        if len(calls) == 3:
+            raise Crash
+        calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(RankStore, "write_piece", dying)
+    with pytest.raises(Crash):
+        _trace(trace_setup, out, backend="torch")
+    monkeypatch.setattr(RankStore, "write_piece", real)
+    assert Engine(trace_setup["run"], **KW).backend == "cpu"  # auto's choice now
+    with pytest.raises(ManifestMismatchError, match="options.backend = 'torch'.*'cpu'"):
+        _trace(trace_setup, out, backend="cpu")
+    monkeypatch.setenv("FFENGINE_BACKEND", "cpu")  # named through the environment: the same
+    with pytest.raises(ManifestMismatchError, match="options.backend = 'torch'.*'cpu'"):
+        _trace(trace_setup, out)
+    monkeypatch.delenv("FFENGINE_BACKEND")
+    summary = _trace(trace_setup, out)  # left to auto
+    assert summary["backend"] == "torch" and summary["pieces"]["done_before"] == 3
+    torch_straight = _trace(trace_setup, tmp_path / "straight", backend="torch")
+    assert_same_results(out, tmp_path / "straight")
+    assert torch_straight["backend"] == "torch"
+
+
 def test_crash_after_terms_before_record_rescores_that_piece(trace_setup, straight, tmp_path,
                                                              monkeypatch):
     out = tmp_path / "t"

@@ -180,6 +180,7 @@ class ClipObjective:
     views = 1
     draws_matter = False  # the scoring view is deterministic
     needs_captions = True  # an image without a readable caption is skipped, not scored
+    compilable = False  # the visual tower runs in pieces (visual_split): eager
 
     def __init__(self, run: Run):
         self.run = run

@@ -16,7 +16,9 @@ An objective answers four questions for the run it belongs to:
    sample ids of ``index`` (the objective reads what else it needs, e.g. captions).
 4. ``views``: views per sample and draw (SimCLR 2, CLIP 1); ``draws_matter``: whether more
    than one draw changes anything (CLIP's scoring view is deterministic); ``needs_captions``:
-   whether a sample without a readable caption is skipped when its batch is decoded.
+   whether a sample without a readable caption is skipped when its batch is decoded;
+   ``compilable``: whether the backbone forward runs through a swappable ``backbone``
+   (:class:`~ffengine.engine.compiled_backbone.BackboneRunner`) that may compile it.
 
 :func:`objective_for` picks the objective from the run manifest's ``objective.name``.
 """
@@ -38,6 +40,7 @@ class Objective(Protocol):
     views: int
     draws_matter: bool
     needs_captions: bool
+    compilable: bool
 
     def load_model(self, ckpt: Any, device: torch.device | str = "cpu") -> torch.nn.Module: ...
 

@@ -15,6 +15,7 @@ from ..models import SimCLRModel
 from ..options import PRECISIONS
 from ..reference.scoring import score_batch_reference
 from ..run import Checkpoint, Run
+from .compiled_backbone import BackboneRunner
 from .cosine import cosine_gradients
 from .head import ghost_terms, head_signals, normalized_scores, scored_modules
 
@@ -33,6 +34,7 @@ class SimclrObjective:
     views = 2
     draws_matter = True  # every draw is a new pair of augmented views
     needs_captions = False
+    compilable = True  # the backbone is one module: BackboneRunner may compile it
 
     # the backbone may run under bf16 autocast (the head's maths stays float32)
     precisions = PRECISIONS
@@ -43,6 +45,7 @@ class SimclrObjective:
         self.layers = run.scored_layers
         self.temperature = run.temperature
         self.augment = run.augment
+        self.backbone = BackboneRunner(compiled=False)  # the Engine swaps in its choice
 
     def load_model(self, ckpt: Checkpoint, device: torch.device | str = "cpu") -> SimCLRModel:
         model = self.run.load_model(ckpt, device)
@@ -65,7 +68,7 @@ class SimclrObjective:
                                   stream_id(SCORE_STREAM, epoch, draw, v), self.augment)
                 x = x.contiguous(memory_format=_memory_format(x.device))
                 with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    out += [model.features(x[s: s + BACKBONE_BATCH]).float()
+                    out += [self.backbone(model, x[s: s + BACKBONE_BATCH]).float()
                             for s in range(0, len(x), BACKBONE_BATCH)]
         return torch.cat(out)
 

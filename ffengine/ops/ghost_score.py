@@ -47,15 +47,18 @@ _MAX_INTERMEDIATE_ELEMENTS = 1 << 24
 # CUDA: the fused Triton kernels keep each tile of G·h in registers and reduce it against δ
 # at once, where the torch composite writes the whole (B·V, K·d_out) product to memory and
 # reads it back. (Expected, not yet measured on a GPU: bench/bench_ghost_score.py.)
-# CPU: the compiled "cpu" op (packed G panels, a register tile fused with the δ contraction)
-# took 0.73-0.90x the torch composite's time at K=1 and 1.04-1.08x at K=8 (B=512, V=2,
-# d_in=512, d_out in {128, 512}, float32, one thread, the 2-core AMD EPYC VM, 2026-12-03;
-# bench/README.md, "Ghost score kernels"). Level at K=8 and unmeasured with more threads, so
-# torch stays first; the backbone dominates a trace's time on CPU either way.
+# CPU: the compiled "cpu" op (packed G panels, a register tile fused with the δ contraction).
+# One thread (2026-12-03): 0.73-0.90x the torch composite's time at K=1, 1.04-1.08x at K=8.
+# Two threads, idle machine (2026-12-04): 0.79x, 0.86x, 0.87x, and 1.10x at d_out=512, K=1
+# (within the composite's IQR); the whole engine took 0.71-1.08x torch's time with it, at or
+# below 1.0 in 7 of 8 comparisons (K = 1 and 8, eager or compiled backbone, two runs)
+# (B=512, V=2, d_in=512, d_out in {128, 512}, float32, the 2-core AMD EPYC VM;
+# bench/README.md). So the compiled op comes first; where
+# it is not built, or fails its self-check, auto takes torch and says why once.
 # Triton on CPU tensors runs in its interpreter, a test mode: never auto's choice.
 _AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "torch"),
-    "cpu": ("torch",),
+    "cpu": ("cpu", "torch"),
 }
 
 _logger = logging.getLogger(__name__)

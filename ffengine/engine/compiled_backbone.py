@@ -1,0 +1,115 @@
+"""The backbone forward of a scoring pass, eager or through ``torch.compile``.
+
+The backbone is nearly all of a trace's time on CPU (bench/README.md, "Engine throughput"),
+and Inductor fuses its convolutions, batch norms and ReLUs into fewer passes over memory: on
+the 2-core AMD EPYC dev machine it ran the demo's CIFAR ResNet 2.2-2.6x faster than eager
+(batch 256, float32; bench/README.md), its outputs within 3e-7 relative of eager's. The first
+call compiles, 15-30 s per process (Inductor's on-disk cache shortens later processes), so
+``"auto"`` compiles only a pass of at least :data:`AUTO_MIN_IMAGES` backbone images.
+
+One compiled function serves every checkpoint's model (the model is an argument, so loading
+another checkpoint does not compile again) and every batch size (``dynamic=True``). The first
+compiled batch of each architecture, input dtype, device and autocast setting in a process is
+checked against eager on the same input (later checkpoints of it run the same code with
+other weights as inputs); an error or a mismatch falls back to eager for the rest of the
+pass, with one warning that says why.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..errors import ConfigError
+from ..options import COMPILE_MODES, check_choice
+
+# Backbone images (samples x views x draws x checkpoints) from which "auto" compiles. The
+# compile costs 15-30 s once and saves about 2 ms per image on one core of the dev machine
+# (4.1 -> 1.9 ms): it pays for itself from about 10,000 images; 50,000 leaves a wide margin.
+AUTO_MIN_IMAGES = 50_000
+# Largest |compiled - eager| / max|eager| accepted on the first batch: float32 outputs differ
+# by ~3e-7 (operations fused in another order); bf16 autocast rounds at ~4e-3 per operation.
+CHECK_RTOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+
+_compiled = None  # one torch.compile'd function per process: its cache serves every model
+_verified: set[tuple] = set()  # what the compiled function was checked against eager for
+
+
+def _features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.features(x)
+
+
+def resolve_compile(mode: str, images: int, compilable: bool, reference: bool) -> bool:
+    """Whether a pass of ``images`` backbone images runs compiled under ``mode``.
+
+    ``compilable``: the objective's backbone can run through :class:`BackboneRunner`
+    (SimCLR's; CLIP's visual tower is split into its own pieces and runs eager).
+    ``reference``: the slow audit path, which "auto" keeps plain eager.
+    """
+    check_choice("compile", mode, COMPILE_MODES)
+    if mode == "off":
+        return False
+    if mode == "on":
+        if not compilable:
+            raise ConfigError("compile 'on' is available for SimCLR runs only (their backbone "
+                              "is one module); use compile 'auto' or 'off'.")
+        return True
+    return compilable and not reference and images >= AUTO_MIN_IMAGES
+
+
+class BackboneRunner:
+    """``runner(model, x)`` = ``model.features(x)``, compiled when ``compiled`` is true."""
+
+    def __init__(self, compiled: bool):
+        self.compiled = compiled
+        self.fallback_reason: str | None = None  # why a compiled runner went back to eager
+
+    def __call__(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not self.compiled:
+            return model.features(x)
+        try:
+            out = _compiled_features()(model, x)
+        except Exception as e:  # no C++ compiler, an unsupported op, ...: run eager instead
+            self._fall_back(f"torch.compile failed ({type(e).__name__}: {e})")
+            return model.features(x)
+        key = _check_key(model, x)
+        if key not in _verified:
+            ref = model.features(x)
+            err = _relative_error(out, ref)
+            tol = CHECK_RTOL.get(ref.dtype, CHECK_RTOL[torch.bfloat16])
+            if not err <= tol:  # also catches NaN
+                self._fall_back(f"the compiled backbone's output differs from eager's by "
+                                f"{err:.3g} (relative; at most {tol:g} expected)")
+                return ref
+            _verified.add(key)
+        return out
+
+    def _fall_back(self, reason: str) -> None:
+        self.compiled = False
+        self.fallback_reason = reason
+        warnings.warn(f"{reason}; the backbone runs eager for the rest of this pass "
+                      "(pass compile 'off' to skip the attempt).", RuntimeWarning, stacklevel=3)
+
+
+def _check_key(model: torch.nn.Module, x: torch.Tensor) -> tuple:
+    """What makes the compiled code another computation: the architecture (class and
+    parameter shapes), the input's dtype and device, and the autocast setting."""
+    shapes = tuple((n, tuple(p.shape), p.dtype) for n, p in model.named_parameters())
+    amp = (torch.is_autocast_enabled(x.device.type)
+           and torch.get_autocast_dtype(x.device.type))
+    return type(model), shapes, x.dtype, str(x.device), amp
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref|, in float32, outside any autograd graph."""
+    out, ref = out.detach().float(), ref.detach().float()
+    scale = ref.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+    return float((out - ref).abs().max() / scale)
+
+
+def _compiled_features():
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(_features, dynamic=True)
+    return _compiled
