@@ -12,7 +12,10 @@ another checkpoint does not compile again) and every batch size (``dynamic=True`
 compiled batch of each architecture, input dtype, device and autocast setting in a process is
 checked against eager on the same input (later checkpoints of it run the same code with
 other weights as inputs); an error or a mismatch falls back to eager for the rest of the
-pass, with one warning that says why.
+pass, with one warning that says why. A crash inside the compiled code cannot be caught
+here; a trace is resumable, so it finishes with ``compile "off"``. (Compiled *training* of a
+tiny odd-sized model crashed this torch build's Inductor code on CPU, 2026-12-04, which is
+why pre-training does not compile; the inference graph ran clean in every run measured.)
 """
 
 from __future__ import annotations
