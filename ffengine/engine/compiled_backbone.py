@@ -2,9 +2,9 @@
 
 The backbone is nearly all of a trace's time on CPU (bench/README.md, "Engine throughput"),
 and Inductor fuses its convolutions, batch norms and ReLUs into fewer passes over memory: on
-the 2-core AMD EPYC dev machine it ran the demo's CIFAR ResNet 2.2-2.6x faster than eager
+the 2-core AMD EPYC dev machine it ran the demo's CIFAR ResNet 2.1-2.6x faster than eager
 (batch 256, float32; bench/README.md), its outputs within 3e-7 relative of eager's. The first
-call compiles, 15-30 s per process (Inductor's on-disk cache shortens later processes), so
+call compiles, 15-35 s per process (Inductor's on-disk cache shortens later processes), so
 ``"auto"`` compiles only a pass of at least :data:`AUTO_MIN_IMAGES` backbone images.
 
 One compiled function serves every checkpoint's model (the model is an argument, so loading
@@ -28,8 +28,8 @@ from ..errors import ConfigError
 from ..options import COMPILE_MODES, check_choice
 
 # Backbone images (samples x views x draws x checkpoints) from which "auto" compiles. The
-# compile costs 15-30 s once and saves about 2 ms per image on one core of the dev machine
-# (4.1 -> 1.9 ms): it pays for itself from about 10,000 images; 50,000 leaves a wide margin.
+# compile costs 15-35 s once and saves about 2 ms per image on one core of the dev machine
+# (4.0 -> 1.7-2.0 ms): it pays for itself from 10,000-20,000 images; 50,000 leaves a margin.
 AUTO_MIN_IMAGES = 50_000
 # Largest |compiled - eager| / max|eager| accepted on the first batch: float32 outputs differ
 # by ~3e-7 (operations fused in another order); bf16 autocast rounds at ~4e-3 per operation.

@@ -36,7 +36,7 @@ from ..data.packed import PackedImages
 from ..errors import BackendUnavailableError, ConfigError, DataError
 from ..ops.ghost_score import ENV_VAR as BACKEND_ENV_VAR
 from ..ops.ghost_score import resolve_backend
-from ..options import AGGREGATES, CHECKPOINT_WEIGHTS, COMBINES, COMPILE_MODES, check_choice
+from ..options import AGGREGATES, CHECKPOINT_WEIGHTS, COMBINES, check_choice
 from ..run import Checkpoint, Run
 from .compiled_backbone import BackboneRunner, resolve_compile
 from .instance import Instance
@@ -153,7 +153,7 @@ class Engine:
             units. How much scores move: bench/README.md.
         compile_backbone: "auto", "on" or "off": run the backbone forward through
             ``torch.compile`` (:mod:`ffengine.engine.compiled_backbone`; outputs within
-            rounding of eager's, 2-2.6x faster on the dev CPU). "auto" compiles a pass of at
+            rounding of eager's, 2.1-2.6x faster on the dev CPU). "auto" compiles a pass of at
             least ``AUTO_MIN_IMAGES`` backbone images of a SimCLR run, never the reference.
     """
 
@@ -207,11 +207,10 @@ class Engine:
                               "previous one's: select at least 2 checkpoints (e.g. 'all').")
         self.weighting = weighting
         self.combine = check_choice("combine", combine, COMBINES)
-        self.compile_backbone = check_choice("compile_backbone", compile_backbone,
-                                             COMPILE_MODES)
-        # fails now, not after loading checkpoints, where "on" cannot apply
+        # checks the mode now, not after loading checkpoints (also where "on" cannot apply)
         resolve_compile(compile_backbone, 0, getattr(self.objective, "compilable", False),
                         reference)
+        self.compile_backbone = compile_backbone
 
     def _select(self, which: str | Sequence[int]) -> list[Checkpoint]:
         ckpts = self.run.checkpoints
