@@ -128,6 +128,11 @@ def aggregate_draws(terms: np.ndarray, how: str,
     return out.astype(np.float32)
 
 
+def _names_a_backend(name: object) -> bool:
+    """Whether ``name`` picks a backend rather than leaving it to auto."""
+    return name is not None and str(name).strip().lower() not in ("", "auto")
+
+
 class Engine:
     """Scores pre-training inputs against backdoor instances with a run's checkpoints.
 
@@ -186,8 +191,8 @@ class Engine:
         self.backend = resolve_backend(backend, device=self.device)
         # left to auto (no argument, no FFENGINE_BACKEND): a resumed trace may keep the backend
         # it began with (adopt_backend)
-        named = backend if backend not in (None, "auto") else os.environ.get(BACKEND_ENV_VAR)
-        self.backend_chosen = bool(named) and str(named).strip().lower() != "auto"
+        self.backend_chosen = (_names_a_backend(backend)
+                               or _names_a_backend(os.environ.get(BACKEND_ENV_VAR)))
         if draws < 1:
             raise ConfigError(f"draws must be at least 1, got {draws}.")
         check_choice("aggregate", aggregate, AGGREGATES)
