@@ -50,6 +50,7 @@ from ffengine.io_utils import atomic_write_bytes, atomic_write_json
 from ffengine.methods import DEFAULT_CLIP_METHOD, DEFAULT_METHOD, Method
 from ffengine.methods import METHODS as PRODUCT_METHODS
 from ffengine.metrics import detection_metrics
+from ffengine.options import BACKENDS, COMPILE_MODES
 from ffengine.pretrain.simclr import PretrainConfig, pretrain
 from ffengine.report import domain_table
 from ffengine.run import MANIFEST, Run
@@ -237,8 +238,14 @@ GRIDS = {
 }
 
 
-def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool) -> list[dict]:
-    """Poison, pre-train, measure strength, find the instances, trace with every method."""
+def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool,
+               backend: str = "auto", compile_backbone: str = "auto") -> list[dict]:
+    """Poison, pre-train, measure strength, find the instances, trace with every method.
+
+    ``backend`` and ``compile_backbone`` go to the Engine of each new trace (cached traces are
+    not redone). Their defaults are the Engine's; ``backend="torch", compile_backbone="off"``
+    reproduces the rows traced before 2026-12-04 bit for bit, where the defaults differ from
+    them at rounding level (docs/RESULTS.md)."""
     work = cache / cfg.name
     src = extend_shorter_run(cfg, cache)
     if src is not None:
@@ -272,7 +279,8 @@ def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool)
                 insts, paths = _optimized_instances(run, instances, work / "instances-optref")
             engine = Engine(run, checkpoints=_checkpoint_epochs(run, ckpts, variant, cfg),
                             draws=draws, progress=progress,
-                            layers=VARIANT_LAYERS.get(variant))
+                            layers=VARIANT_LAYERS.get(variant), backend=backend,
+                            compile_backbone=compile_backbone)
             trace(engine, index, insts, out, instance_paths=paths)
             times["trace_s"][name] = round(time.perf_counter() - t0, 1)
     atomic_write_json(work / "times.json", times)
@@ -286,7 +294,8 @@ def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool)
         tname = trace_name(name, cfg.is_clip)
         tdir = work / "traces" / f"v2-{tname}"
         terms = np.load(tdir / "terms.npy", mmap_mode="r")
-        cos = np.array(json.loads((tdir / "summary.json").read_text())["cos_per_checkpoint"])
+        tsummary = json.loads((tdir / "summary.json").read_text())
+        cos = np.array(tsummary["cos_per_checkpoint"])
         # methods that differ only in k share one aggregation: compute it once
         key = (tname, replace(m, k=0.0))
         if key not in det_by_aggregation:
@@ -301,7 +310,11 @@ def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool)
                      "x_b": instances[0].meta.get("x_b_source"),
                      "x_r": instances[0].meta.get("x_r_source"),
                      "data_s": times["data_s"], "pretrain_s": times["pretrain_s"],
-                     "trace_s": times["trace_s"].get(tname)})
+                     "trace_s": times["trace_s"].get(tname),
+                     # how the trace ran (absent from summaries written before 2026-12-04:
+                     # those were all torch and eager)
+                     "trace_backend": tsummary.get("backend"),
+                     "trace_backbone": tsummary.get("backbone", "eager")})
     save_scores(cfg.name, det_by_method, truth, index)
     return rows
 
@@ -740,6 +753,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write-md", action="store_true")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="ghost-score backend of new traces (default: the Engine's auto)")
+    p.add_argument("--compile", default="auto", choices=COMPILE_MODES, dest="compile_backbone",
+                   help="compile the backbone of new traces (default: the Engine's auto); "
+                   "'--backend torch --compile off' reproduces rows traced before 2026-12-04 "
+                   "bit for bit")
     a = p.parse_args(argv)
     command = "python bench/detection.py " + " ".join(map(shlex.quote, argv or sys.argv[1:]))
     if a.grid or a.config:
@@ -754,7 +773,8 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.name in seen:
                 continue
             seen.add(cfg.name)
-            rows = run_config(cfg, Path(a.cache), a.methods.split(","), not a.quiet)
+            rows = run_config(cfg, Path(a.cache), a.methods.split(","), not a.quiet,
+                              backend=a.backend, compile_backbone=a.compile_backbone)
             save_rows(rows, command)
             for r in rows:
                 print(f"{r['config']:48s} {r['method']:12s} asr {r['asr']:.3f}/"

@@ -512,7 +512,12 @@ def write_markdown(rows: list[dict]) -> None:
              "`--aggregate`, `--combine`, `--k` and `--weighting`, and the `optref`, `fc2` and "
              "`ckpt15` "
              "variants need their own instances (`instance --reference optimized`), layers "
-             "(`--layers`) or run).", "",
+             "(`--layers`) or run). Traces made before 2026-12-04 ran the `torch` ghost-score "
+             "backend and an eager backbone; later ones take the Engine's defaults (the `cpu` "
+             "op, and the compiled backbone for passes of 50,000 backbone images or more), "
+             "which differ from them at rounding level; `--backend torch --compile off` "
+             "reproduces the older ones bit for bit. Each row of the JSON records how it was "
+             "traced (`trace_backend`, `trace_backbone`).", "",
              f"ffengine's default method: `{DEFAULT_METHOD}`. Over the {s['n_configs']} "
              f"configuration(s) where the attack took (of {s['n_configs_tried']} tried) its "
              f"worst DACC {_f(s['dacc_min'])}, FPR {_f(s['fpr_max'])}, FNR "

@@ -534,3 +534,35 @@ def test_clip_threshold_lines_measure_the_best_threshold_against_flagging_nothin
     assert text.startswith("On the 2 CLIP runs that took")
     assert "by at most 0.0040, and on 1 of them not at all" in text
     assert report.clip_threshold_lines([row("c", 0.99, took=False)]) == []
+
+
+def test_new_traces_run_with_the_backend_and_backbone_mode_asked_for(tmp_path, monkeypatch):
+    """``--backend torch --compile off`` reaches the Engine of every new trace (what
+    reproduces the rows traced before the defaults changed); unset, the Engine's auto."""
+    cfg = detection.GRIDS["longer"][0]
+    (tmp_path / cfg.name / "instances").mkdir(parents=True)
+    monkeypatch.setattr(detection, "load_results", lambda: {"rows": []})
+    monkeypatch.setattr(detection, "extend_shorter_run", lambda c, cache: None)
+    monkeypatch.setattr(detection, "seed_from_bundled_run", lambda c, cache: None)
+    monkeypatch.setattr(detection, "_prepare_simclr", lambda c, work, progress: (
+        None, None, {"asr": 0.9, "asr_untriggered": 0.05}, None, None))
+    monkeypatch.setattr(detection, "_checkpoint_epochs", lambda *a: [5])
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def engine(run, **kwargs):
+        seen.append(kwargs)
+        raise Stop  # the options are all this test needs
+
+    monkeypatch.setattr(detection, "Engine", engine)
+    for argv, want in ((["--backend", "torch", "--compile", "off"], ("torch", "off")),
+                       ([], ("auto", "auto"))):
+        with pytest.raises(Stop):
+            detection.main(["--config", cfg.name, "--methods", "paper", "--cache",
+                            str(tmp_path), "--quiet", *argv])
+        assert (seen[-1]["backend"], seen[-1]["compile_backbone"]) == want
+    with pytest.raises(SystemExit):  # argparse: an unknown backend is refused up front
+        detection.main(["--config", cfg.name, "--backend", "gpu"])
