@@ -60,6 +60,7 @@ IMPLS = [
     pytest.param("cpu", "cpu", id="cpu-cpu"),
     pytest.param("torch", "cuda", id="torch-cuda", marks=needs_gpu),
     pytest.param("triton", "cuda", id="triton-cuda", marks=needs_gpu),
+    pytest.param("cuda", "cuda", id="cuda-cuda", marks=needs_gpu),
 ]
 
 

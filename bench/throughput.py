@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="samples for the full-width ResNet-18 (slow on CPU)")
     p.add_argument("--n-slow", type=int, default=256, help="samples for reference and vmap")
     p.add_argument("--backends", default=None,
-                   help="default: torch,cpu,torch+compile,cpu+compile on CPU; torch,triton,"
+                   help="default: torch,cpu,torch+compile,cpu+compile on CPU; torch,triton,cuda,"
                         "triton+compile on CUDA (+compile: the backbone via torch.compile)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda where it exists)")
     p.add_argument("--json", action="store_true")
@@ -310,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = torch.device(device).type == "cuda"
     backends = a.backends.split(",") if a.backends else (
-        ["torch", "triton", "triton+compile"] if on_gpu else ["torch", "cpu", "torch+compile",
-                                                              "cpu+compile"])
+        ["torch", "triton", "cuda", "triton+compile"] if on_gpu
+        else ["torch", "cpu", "torch+compile", "cpu+compile"])
     if on_gpu or not _ext.extension_available():  # the compiled C++ op: CPU, where built
         backends = [b for b in backends if b.partition("+")[0] != "cpu"]
     card = f", {torch.cuda.get_device_name(device)}" if on_gpu else ""

@@ -420,8 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "retries it")
     q.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="ghost-score backend: auto (the first of a preference list that "
-                        "passes a self-check), torch, cpu (compiled C++), triton (CUDA); "
-                        "cuda is reserved and not built yet")
+                        "passes a self-check), torch, cpu (compiled C++), triton (CUDA), "
+                        "cuda (CUDA C++, compiled at first use where nvcc is found)")
     q.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="bfloat16: the backbone under bf16 autocast (GPU, AMX CPUs)")
     q.add_argument("--compile", default="auto", choices=COMPILE_MODES,

@@ -266,11 +266,42 @@ def test_unknown_backend_raises(name):
         resolve_backend(name)
 
 
-def test_unimplemented_backend_raises(rng):
-    with pytest.raises(BackendUnavailableError, match="not implemented yet"):
-        resolve_backend("cuda")
-    with pytest.raises(BackendUnavailableError, match="not implemented yet"):
-        ghost_score(*make_inputs(rng, 2, 1, 1, False), backend="cuda")
+def test_named_cuda_backend_on_cpu_tensors_raises_with_reason(
+    rng, monkeypatch, fresh_backend_state
+):
+    """The CUDA kernels take CUDA tensors: named for CPU inputs they refuse, saying why,
+    without trying to compile anything."""
+    from ffengine.ops import cuda_ext
+
+    def build():
+        raise AssertionError("tried to build the CUDA kernels for CPU inputs")
+
+    monkeypatch.setattr(cuda_ext, "_build", build)
+    cuda_ext._reset_for_tests()
+    try:
+        with pytest.raises(BackendUnavailableError,
+                           match="'cuda' .*cannot run on cpu: .*CUDA tensors"):
+            resolve_backend("cuda")
+        with pytest.raises(BackendUnavailableError, match="'cuda' .*cannot run on cpu"):
+            ghost_score(*make_inputs(rng, 2, 1, 1, False), backend="cuda")
+    finally:
+        cuda_ext._reset_for_tests()
+
+
+def test_cuda_backend_says_why_it_cannot_be_built_here(monkeypatch, fresh_backend_state):
+    """Where there is no CUDA device (or no nvcc) the reason names it and nothing is built."""
+    from ffengine.ops import cuda_ext
+
+    monkeypatch.setattr(cuda_ext.torch.cuda, "is_available", lambda: False)
+    cuda_ext._reset_for_tests()
+    try:
+        assert cuda_ext.load() is None
+        assert cuda_ext.unavailable_reason() == "no CUDA device is available"
+        with pytest.raises(RuntimeError, match="no CUDA device is available"):
+            cuda_ext.ghost_score_cuda(*make_inputs(torch.Generator().manual_seed(0), 2, 1, 1,
+                                                   False))
+    finally:
+        cuda_ext._reset_for_tests()
 
 
 def test_named_triton_on_cpu_without_interpreter_raises_with_reason(

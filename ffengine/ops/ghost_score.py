@@ -13,7 +13,9 @@ For ``y = W h + b``, sample ``i`` with views ``v``, inputs ``h_{i,v}``, backprop
 * "triton": the fused kernels of ``ffengine.kernels.ghost_score``; CUDA tensors in float32,
   bfloat16 or float16 (float32 accumulation). On CPU tensors only under Triton's interpreter
   (``TRITON_INTERPRET=1`` set before the kernels are imported), a slow test mode.
-* "cuda": a reserved name, not implemented yet.
+* "cuda": the CUDA kernels of ``csrc/ghost_score_cuda.cu`` (float32 or float64 accumulation,
+  no tensor cores); CUDA tensors in float32, float64, bfloat16 or float16. Compiled at first
+  use where a CUDA device and nvcc are present (``ffengine.ops.cuda_ext``), never at install.
 
 Backend choice: an explicit ``backend`` argument beats the ``FFENGINE_BACKEND`` environment
 variable, which beats auto. ``None`` and ``"auto"`` both mean "not chosen": the variable is
@@ -37,8 +39,8 @@ from ffengine.errors import BackendUnavailableError
 from ffengine.options import BACKENDS
 
 ENV_VAR = "FFENGINE_BACKEND"
-_NOT_IMPLEMENTED = ("cuda",)
 _CPU_DTYPES = (torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Upper bound on the elements of the (chunk, V, K, d_out) intermediate of ghost_score_torch.
 _MAX_INTERMEDIATE_ELEMENTS = 1 << 24
@@ -56,8 +58,11 @@ _MAX_INTERMEDIATE_ELEMENTS = 1 << 24
 # bench/README.md). So the compiled op comes first; where
 # it is not built, or fails its self-check, auto takes torch and says why once.
 # Triton on CPU tensors runs in its interpreter, a test mode: never auto's choice.
+# The CUDA kernels (SIMT, no tensor cores) come after Triton, whose tl.dot uses tensor cores
+# for half precision; they serve where Triton is missing or fails its check. (Not measured
+# on a GPU yet either: the order is expected, bench/gpu_session.sh measures it.)
 _AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
-    "cuda": ("triton", "torch"),
+    "cuda": ("triton", "cuda", "torch"),
     "cpu": ("cpu", "torch"),
 }
 
@@ -260,7 +265,31 @@ def _triton_unavailable(device: torch.device) -> str | None:
     return f"Triton does not run on {device.type} tensors"
 
 
-_FAST_BACKENDS = ("cpu", "triton")  # the ones that need a self-check
+_FAST_BACKENDS = ("cpu", "triton", "cuda")  # the ones that need a self-check
+
+
+def _ghost_score_cuda(
+    h: torch.Tensor, delta: torch.Tensor, G_w: torch.Tensor, G_b: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CUDA kernels; results (float32, or float64 for float64) cast to the input dtype."""
+    from ffengine.ops import cuda_ext
+
+    if cuda_ext.load() is None:
+        raise BackendUnavailableError(
+            f"ghost_score backend 'cuda' cannot run: {cuda_ext.unavailable_reason()}"
+        )
+    dots, sqnorm = cuda_ext.ghost_score_cuda(h.detach(), delta.detach(), G_w.detach(),
+                                             None if G_b is None else G_b.detach())
+    return dots.to(h.dtype), sqnorm.to(h.dtype)
+
+
+def _cuda_unavailable(device: torch.device) -> str | None:
+    """Why the CUDA kernels cannot run on ``device`` at all (before any self-check)."""
+    if device.type != "cuda":
+        return f"the CUDA kernels take CUDA tensors, not {device.type} tensors"
+    from ffengine.ops import cuda_ext
+
+    return cuda_ext.unavailable_reason()
 
 
 def _run_fast(
@@ -272,6 +301,8 @@ def _run_fast(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "cpu":
         return _ghost_score_cpu(h, delta, G_w, G_b)
+    if backend == "cuda":
+        return _ghost_score_cuda(h, delta, G_w, G_b)
     return _ghost_score_triton(h, delta, G_w, G_b)
 
 
@@ -279,6 +310,8 @@ def _unavailable(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot run on ``device`` at all (before any self-check), or None."""
     if backend == "cpu":
         return None if _ext.load_extension() is not None else _ext.unavailable_reason()
+    if backend == "cuda":
+        return _cuda_unavailable(device)
     return _triton_unavailable(device)
 
 
@@ -392,11 +425,6 @@ def _resolve(name: str | None, device: torch.device) -> tuple[str, bool]:
         )
     if key == "auto":
         return _auto_backend(device), True
-    if key in _NOT_IMPLEMENTED:
-        raise BackendUnavailableError(
-            f"ghost_score backend {key!r} (from {source}) is not implemented yet; "
-            "use 'triton' (CUDA tensors), 'torch' or 'cpu'"
-        )
     if key in _FAST_BACKENDS:
         failure = _self_check(key, device)
         if failure is not None:
@@ -409,8 +437,8 @@ def _resolve(name: str | None, device: torch.device) -> tuple[str, bool]:
 
 
 def resolve_backend(name: str | None = None, device: torch.device | str | None = None) -> str:
-    """The concrete backend ("torch", "cpu" or "triton") ``ghost_score`` would use for ``name``
-    on inputs that live on ``device`` (default: the CPU).
+    """The concrete backend ("torch", "cpu", "triton" or "cuda") ``ghost_score`` would use
+    for ``name`` on inputs that live on ``device`` (default: the CPU).
 
     ``name`` beats the ``FFENGINE_BACKEND`` variable, which beats auto; ``None`` and "auto"
     mean "not chosen". Raises BackendUnavailableError for an unknown name or a named backend
@@ -449,7 +477,25 @@ def _triton_input_problem(tensors: list[torch.Tensor]) -> str | None:
     return None
 
 
-_INPUT_PROBLEMS = {"cpu": _cpu_input_problem, "triton": _triton_input_problem}
+def _cuda_input_problem(tensors: list[torch.Tensor]) -> str | None:
+    h = tensors[0]
+    if h.device.type != "cuda":
+        return f"inputs are on {h.device}, the cuda backend needs CUDA tensors"
+    if h.dtype not in _CUDA_DTYPES:
+        return (
+            f"inputs have dtype {h.dtype}, the cuda backend supports float32, float64, "
+            "bfloat16 and float16"
+        )
+    if _needs_grad(tensors):
+        return "inputs require grad and the cuda backend is not differentiable"
+    return None
+
+
+_INPUT_PROBLEMS = {
+    "cpu": _cpu_input_problem,
+    "triton": _triton_input_problem,
+    "cuda": _cuda_input_problem,
+}
 
 
 def ghost_score(
@@ -466,7 +512,7 @@ def ghost_score(
         delta: (B, V, d_out) backprop signals ``∂ℓ/∂y``.
         G_w: (K, d_out, d_in) stacked weight gradients.
         G_b: (K, d_out) stacked bias gradients, or None for a layer without bias.
-        backend: "auto", "torch", "cpu", "triton" ("cuda": not implemented yet), or None:
+        backend: "auto", "torch", "cpu", "triton", "cuda", or None:
             see the module docstring; auto decides for the inputs' device. When auto picks a
             backend that does not suit the inputs (wrong dtype, or needing autograd),
             "torch" runs instead.
