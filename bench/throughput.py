@@ -107,10 +107,11 @@ def measure(root: Path, what: str, backend: str, K: int, n_slow: int,
     backend, _, compiled = backend.partition("+")  # "torch+compile": compiled backbone
     extra: dict = {}
     if what == "inference":
-        # the memory format the engine uses on this device (channels-last on CUDA), batches
-        # of 256 views: what the engine feeds the backbone (one view of a scoring batch)
-        fmt = torch.channels_last if torch.device(device).type == "cuda" else (
-            torch.contiguous_format)
+        # the memory format the engine uses on this device, batches of 256 views: what the
+        # engine feeds the backbone (one view of a scoring batch)
+        from ffengine.engine.simclr_objective import backbone_memory_format
+
+        fmt = backbone_memory_format(device)
         model = run.load_model(run.checkpoints[-1], device).to(memory_format=fmt)
         x = torch.rand(256, 3, 32, 32, device=device).contiguous(memory_format=fmt)
         n_views = 2 * len(index)

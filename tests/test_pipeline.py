@@ -118,6 +118,34 @@ def test_engine_fast_path_equals_reference_engine(small):
                                rtol=1e-5, atol=1e-12)
 
 
+def test_backbone_memory_format_moves_the_terms_by_rounding_only(small, monkeypatch):
+    """The engine runs the backbone channels-last (measured faster, CPU included); NCHW gives
+    the same terms to float32 rounding, and the channels-last pass really is channels-last."""
+    from ffengine.engine import simclr_objective
+
+    model = small["run"].load_model(small["run"].checkpoints[-1])
+    inst = find_instance(model, small["cfg"], small["clean"], small["test"])
+    kw = dict(progress=False, batch_size=24, draws=2, compile_backbone="off")
+    seen = []
+    runner = simclr_objective.BackboneRunner.__call__
+
+    def record(self, model, x):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return runner(self, model, x)
+
+    monkeypatch.setattr(simclr_objective.BackboneRunner, "__call__", record)
+    last = Engine(small["run"], **kw).score(small["index"], [inst])
+    assert seen and all(seen)
+    monkeypatch.setattr(simclr_objective, "backbone_memory_format",
+                        lambda device: torch.contiguous_format)
+    seen.clear()
+    nchw = Engine(small["run"], **kw).score(small["index"], [inst])
+    assert seen and not any(seen)
+    scale = np.abs(nchw.terms).max()
+    assert scale > 0
+    assert np.abs(last.terms - nchw.terms).max() <= 1e-5 * scale
+
+
 def test_terms_do_not_depend_on_the_other_options(small):
     """A (checkpoint, draw, instance) term is the same whichever other checkpoints, draws and
     instances are scored beside it (to float32 rounding: K changes the BLAS blocking), so
@@ -410,3 +438,41 @@ def test_rise_weighting_needs_two_checkpoints(small):
         Engine(small["run"], checkpoints="last", weighting="rise")
     with pytest.raises(ConfigError, match="weighting"):
         Engine(small["run"], weighting="steps")
+
+
+def test_new_runs_train_channels_last_and_a_resume_keeps_the_format_a_run_began_with(
+        small, tmp_path, monkeypatch):
+    """New runs record channels-last (measured faster on CPU too) and train in it; a run
+    whose manifest predates the record began NCHW on CPU in float32, so it resumes NCHW and
+    records that, and an unknown recorded format is refused."""
+    from ffengine.pretrain import simclr
+    from ffengine.run import MANIFEST
+
+    seen = []
+
+    def build_model(cfg):
+        model = simclr.build_model.__wrapped__(cfg)
+        model.register_forward_pre_hook(lambda m, args: seen.append(
+            args[0].is_contiguous(memory_format=torch.channels_last)
+            and not args[0].is_contiguous()))
+        return model
+
+    build_model.__wrapped__ = simclr.build_model
+    monkeypatch.setattr(simclr, "build_model", build_model)
+    assert small["run"].manifest["memory_format"] == "channels_last"
+    pretrain(small["index"], tmp_path / "r", TINY, progress=False, max_epochs_this_call=1)
+    assert seen and all(seen)
+    path = tmp_path / "r" / MANIFEST
+    legacy = json.loads(path.read_text())
+    del legacy["memory_format"]
+    path.write_text(json.dumps(legacy))
+    seen.clear()
+    resumed = pretrain(small["index"], tmp_path / "r", TINY, progress=False)
+    assert seen and not any(seen)
+    assert resumed.manifest["memory_format"] == "contiguous"
+    assert [c.epoch for c in resumed.checkpoints] == [1, 2]
+    # the old rule for runs without a record: channels-last only under bf16 or on CUDA
+    assert simclr.run_memory_format({}, True, torch.device("cpu")) == "channels_last"
+    assert simclr.run_memory_format({}, False, torch.device("cuda")) == "channels_last"
+    with pytest.raises(ConfigError, match="memory_format 'nhwc'"):
+        simclr.run_memory_format({"memory_format": "nhwc"}, False, torch.device("cpu"))
