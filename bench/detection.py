@@ -244,8 +244,9 @@ def run_config(cfg: GridConfig, cache: Path, methods: list[str], progress: bool,
 
     ``backend`` and ``compile_backbone`` go to the Engine of each new trace (cached traces are
     not redone). Their defaults are the Engine's; ``backend="torch", compile_backbone="off"``
-    reproduces the rows traced before 2026-12-04 bit for bit, where the defaults differ from
-    them at rounding level (docs/RESULTS.md)."""
+    runs as the rows traced before 2026-12-04 did, except that the eager backbone now runs
+    channels-last (5e-7 relative): both reproduce them to float32 rounding, not bit for bit
+    (docs/RESULTS.md)."""
     work = cache / cfg.name
     src = extend_shorter_run(cfg, cache)
     if src is not None:
@@ -757,8 +758,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="ghost-score backend of new traces (default: the Engine's auto)")
     p.add_argument("--compile", default="auto", choices=COMPILE_MODES, dest="compile_backbone",
                    help="compile the backbone of new traces (default: the Engine's auto); "
-                   "'--backend torch --compile off' reproduces rows traced before 2026-12-04 "
-                   "bit for bit")
+                   "'--backend torch --compile off' runs as rows traced before 2026-12-04 "
+                   "did, but for the backbone's memory format (channels-last since then)")
     a = p.parse_args(argv)
     command = "python bench/detection.py " + " ".join(map(shlex.quote, argv or sys.argv[1:]))
     if a.grid or a.config:

@@ -515,9 +515,11 @@ def write_markdown(rows: list[dict]) -> None:
              "(`--layers`) or run). Traces made before 2026-12-04 ran the `torch` ghost-score "
              "backend and an eager backbone; later ones take the Engine's defaults (the `cpu` "
              "op, and the compiled backbone for passes of 50,000 backbone images or more), "
-             "which differ from them at rounding level; `--backend torch --compile off` "
-             "reproduces the older ones bit for bit. Each row of the JSON records how it was "
-             "traced (`trace_backend`, `trace_backbone`).", "",
+             "which differ from them at rounding level; `--backend torch --compile off` runs "
+             "as the older ones did but for the eager backbone's memory format (channels-last "
+             "since 2026-12-04, 5e-7 relative), so it too reproduces them to float32 rounding, "
+             "not bit for bit. Each row of the JSON records how it was traced "
+             "(`trace_backend`, `trace_backbone`).", "",
              f"ffengine's default method: `{DEFAULT_METHOD}`. Over the {s['n_configs']} "
              f"configuration(s) where the attack took (of {s['n_configs_tried']} tried) its "
              f"worst DACC {_f(s['dacc_min'])}, FPR {_f(s['fpr_max'])}, FNR "

@@ -2,8 +2,10 @@
 
 The backbone is nearly all of a trace's time on CPU (bench/README.md, "Engine throughput"),
 and Inductor fuses its convolutions, batch norms and ReLUs into fewer passes over memory: on
-the 2-core AMD EPYC dev machine it ran the demo's CIFAR ResNet 2.1-2.6x faster than eager
-(batch 256, float32; bench/README.md), its outputs within 3e-7 relative of eager's. The first
+the 2-core AMD EPYC dev machine it ran the demo's CIFAR ResNet 2.1-2.6x faster than NCHW
+eager (batch 256, float32; bench/README.md), its outputs within 3e-7 relative of eager's. Since
+the eager backbone went channels-last (1.3-1.5x faster on that CPU), the engine gains less
+from compiling: 1.15-1.4x on the demo's model, 1.3-1.4x on ResNet-18 (2026-12-04). The first
 call compiles, 15-35 s per process (Inductor's on-disk cache shortens later processes), so
 ``"auto"`` compiles only a pass of at least :data:`AUTO_MIN_IMAGES` backbone images.
 
@@ -28,8 +30,11 @@ from ..errors import ConfigError
 from ..options import COMPILE_MODES, check_choice
 
 # Backbone images (samples x views x draws x checkpoints) from which "auto" compiles. The
-# compile costs 15-35 s once and saves about 2 ms per image on one core of the dev machine
-# (4.0 -> 1.7-2.0 ms): it pays for itself from 10,000-20,000 images; 50,000 leaves a margin.
+# compile costs 15-35 s once. Against the NCHW eager backbone it saved about 2 ms per image on
+# one core of the dev machine (4.0 -> 1.7-2.0 ms), paying for itself from 10,000-20,000
+# images; against channels-last eager (2026-12-04, two threads) it saves about 0.4 ms per image
+# on the demo's model (from 40,000-90,000 images) and 2.3 ms on ResNet-18 (from 7,000-15,000).
+# 50,000 stays: about break-even on the smallest model, a clear gain on larger ones.
 AUTO_MIN_IMAGES = 50_000
 # Largest |compiled - eager| / max|eager| accepted on the first batch: float32 outputs differ
 # by ~3e-7 (operations fused in another order); bf16 autocast rounds at ~4e-3 per operation.
