@@ -390,3 +390,20 @@ def test_augment_config_round_trip():
     cfg = AugmentConfig(size=24, scale=(0.3, 0.9), ratio=(0.5, 2.0), flip_p=0.1,
                         jitter=(0.1, 0.2, 0.3, 0.05), jitter_p=0.7, gray_p=0.4)
     assert AugmentConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_hsv_to_rgb_equals_torchvisions_bit_for_bit(rng):
+    """The sector pick is a gather where torchvision uses a one-hot einsum: the same values
+    bit for bit (zeros compare equal whatever their sign), sector edges, grays, black and
+    white included."""
+    from torchvision.transforms import _functional_tensor as tvf
+
+    x = torch.rand((64, 3, 11, 13), generator=rng)
+    x[:16] = (x[:16] * 4).round() / 4  # hues on the sectors' edges, zeros and ones
+    x[16:24, 1] = x[16:24, 0]  # ties between channels
+    x[24:32] = x[24:32, :1]  # grays
+    hsv = _rgb_to_hsv(x)
+    want, got = tvf._hsv2rgb(hsv), _hsv_to_rgb(hsv)
+    assert torch.equal(got, want)
+    nonzero = want != 0
+    assert torch.equal(got[nonzero].view(torch.int32), want[nonzero].view(torch.int32))

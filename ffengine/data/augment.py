@@ -130,12 +130,15 @@ def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     p = (v * (1.0 - s)).clamp(0, 1)
     q = (v * (1.0 - s * f)).clamp(0, 1)
     t = (v * (1.0 - s * (1.0 - f))).clamp(0, 1)
-    mask = i.unsqueeze(1) == torch.arange(6, device=i.device).view(-1, 1, 1)
+    # each channel takes one of (v, q, p, t) by the hue's sector i: torchvision's one-hot
+    # einsum, as a gather (the same values, bit for bit, up to the sign of a zero; the
+    # einsum was a third of the augmentation's time, 2026-12-04)
     a1 = torch.stack((v, q, p, p, t, v), 1)
     a2 = torch.stack((t, v, v, q, p, p), 1)
     a3 = torch.stack((p, p, t, v, v, q), 1)
     a4 = torch.stack((a1, a2, a3), 1)  # (B, 3, 6, H, W)
-    return torch.einsum("...ijk,...xijk->...xjk", mask.to(x.dtype), a4)
+    sector = i[:, None, None].expand(-1, 3, 1, -1, -1)
+    return a4.gather(2, sector).squeeze(2)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
