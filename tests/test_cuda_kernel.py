@@ -16,14 +16,13 @@ import torch
 
 from ffengine.errors import BackendUnavailableError
 from ffengine.ops import ghost_score, ghost_score_torch, resolve_backend
-from ffengine.reference import ghost_score_reference
 
 from .conftest import TOLERANCES
+from .kernel_checks import REDUCED_PRECISION_RATIO, reference_f64, scaled_error
 
 pytestmark = pytest.mark.gpu
 
 gs_module = importlib.import_module("ffengine.ops.ghost_score")
-REDUCED_PRECISION_RATIO = 2.0  # the convention of tests/test_triton_kernel.py
 
 
 @pytest.fixture(scope="module")
@@ -44,19 +43,6 @@ def make_inputs(gen, B, V, K, d_in, d_out, bias, dtype=torch.float32):
 
     return (randn(B, V, d_in), randn(B, V, d_out), randn(K, d_out, d_in),
             randn(K, d_out) if bias else None)
-
-
-def reference_f64(h, delta, G_w, G_b):
-    up = [None if t is None else t.cpu().double() for t in (h, delta, G_w, G_b)]
-    return ghost_score_reference(*up)
-
-
-def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert actual.shape == expected.shape
-    if expected.numel() == 0:
-        return 0.0
-    err = float((actual.cpu().double() - expected).abs().max())
-    return err / max(float(expected.abs().max()), 1e-300)
 
 
 def assert_matches(got, want, dtype=torch.float32):

@@ -33,17 +33,14 @@ import torch
 
 from ffengine.errors import BackendUnavailableError
 from ffengine.ops import ghost_score, ghost_score_torch, resolve_backend
-from ffengine.reference import ghost_score_reference
 
 from .conftest import TOLERANCES
+from .kernel_checks import REDUCED_PRECISION_RATIO, reference_f64, scaled_error
 
 pytest.importorskip("triton", reason="the Triton kernels need triton installed")
 
 gs_module = importlib.import_module("ffengine.ops.ghost_score")
 
-# The convention for reduced precision: the kernel's error against a float64 reference is at
-# most about twice that of plain PyTorch in the same dtype.
-REDUCED_PRECISION_RATIO = 2.0
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -94,21 +91,6 @@ def make_inputs(gen, B, V, K, d_in, d_out, bias, dtype=torch.float32, device="cp
         randn(K, d_out, d_in),
         randn(K, d_out) if bias else None,
     )
-
-
-def reference_f64(h, delta, G_w, G_b):
-    """The reference in float64 on the CPU, on the same (possibly rounded) inputs."""
-    up = [None if t is None else t.cpu().double() for t in (h, delta, G_w, G_b)]
-    return ghost_score_reference(*up)
-
-
-def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (0 for empty outputs)."""
-    assert actual.shape == expected.shape
-    if expected.numel() == 0:
-        return 0.0
-    err = float((actual.cpu().double() - expected).abs().max())
-    return err / max(float(expected.abs().max()), 1e-300)
 
 
 def assert_matches(got, want, rtol=TOLERANCES[torch.float32]):
