@@ -297,7 +297,7 @@ def test_cuda_backend_says_why_it_cannot_be_built_here(monkeypatch, fresh_backen
     try:
         assert cuda_ext.load() is None
         assert cuda_ext.unavailable_reason() == "no CUDA device is available"
-        with pytest.raises(RuntimeError, match="no CUDA device is available"):
+        with pytest.raises(BackendUnavailableError, match="no CUDA device is available"):
             cuda_ext.ghost_score_cuda(*make_inputs(torch.Generator().manual_seed(0), 2, 1, 1,
                                                    False))
     finally:

@@ -19,6 +19,8 @@ from types import ModuleType
 
 import torch
 
+from ffengine.errors import BackendUnavailableError
+
 SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "ghost_score_cuda.cu"
 MODULE_NAME = "ffengine_ghost_score_cuda"
 
@@ -86,10 +88,11 @@ def ghost_score_cuda(
     h: torch.Tensor, delta: torch.Tensor, G_w: torch.Tensor, G_b: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dots (B, K), sqnorm (B,))`` from the CUDA kernels, in float32 (float64 for float64
-    inputs); the inputs must already have passed ``ghost_score``'s checks."""
+    inputs); the inputs must already have passed ``ghost_score``'s checks. Raises
+    BackendUnavailableError, with the reason, where the kernels cannot be built."""
     module = load()
     if module is None:
-        raise RuntimeError(f"the CUDA ghost-score kernels cannot run: {_reason}")
+        raise BackendUnavailableError(f"ghost_score backend 'cuda' cannot run: {_reason}")
     dots, sqnorm = module.ghost_score(h, delta, G_w, G_b)
     return dots, sqnorm
 

@@ -274,10 +274,6 @@ def _ghost_score_cuda(
     """The CUDA kernels; results (float32, or float64 for float64) cast to the input dtype."""
     from ffengine.ops import cuda_ext
 
-    if cuda_ext.load() is None:
-        raise BackendUnavailableError(
-            f"ghost_score backend 'cuda' cannot run: {cuda_ext.unavailable_reason()}"
-        )
     dots, sqnorm = cuda_ext.ghost_score_cuda(h.detach(), delta.detach(), G_w.detach(),
                                              None if G_b is None else G_b.detach())
     return dots.to(h.dtype), sqnorm.to(h.dtype)
