@@ -238,6 +238,9 @@ def _report(engine: Engine, index: SampleIndex, out: Path, k: float, stats: MADS
         # a compiled one went back to eager (null if it did not); outputs agree to rounding
         "backbone": "compiled" if engine.backbone_compiled else "eager",
         "backbone_fallback": engine.backbone_fallback,
+        # the same for the augmentation's colour stage (compiled with the backbone)
+        "colour_ops": "compiled" if engine.colour_compiled else "eager",
+        "colour_ops_fallback": engine.colour_fallback,
         "checkpoints": [c.epoch for c in engine.checkpoints],
         "cos_per_checkpoint": cos.tolist(),
         "draws": engine.draws,

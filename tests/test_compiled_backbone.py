@@ -1,6 +1,6 @@
-"""The compiled backbone forward against eager: same outputs to rounding on fresh random
-models and inputs, a clear fallback where compiling fails or disagrees, and the rule that
-decides when "auto" compiles."""
+"""The compiled backbone forward and colour stage against eager: same outputs to rounding on
+fresh random models and inputs, a clear fallback where compiling fails or disagrees, and the
+rule that decides when "auto" compiles."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from ffengine.data.augment import AugmentConfig, augment_batch, colour_ops
 from ffengine.engine import compiled_backbone as cb
 from ffengine.engine.compiled_backbone import (
     AUTO_MIN_IMAGES,
     BackboneRunner,
+    ColourRunner,
     resolve_compile,
 )
 from ffengine.engine.scoring import Engine
@@ -105,6 +107,7 @@ def test_engine_scores_compiled_equal_eager_scores_on_real_images(trace_setup):
                      compile_backbone=mode)
         res[mode] = eng.score(index, [inst])
         assert eng.backbone_compiled == (mode == "on"), eng.backbone_fallback
+        assert eng.colour_compiled == (mode == "on"), eng.colour_fallback
     a, b = res["on"].terms, res["off"].terms
     assert a.shape == b.shape and np.isfinite(b).any()
     scale = np.nanmax(np.abs(b))
@@ -130,3 +133,71 @@ def test_the_eager_check_runs_once_per_architecture_dtype_and_autocast(rng):
     assert cb._check_key(random_model(rng).double(), x.double()) != key
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert cb._check_key(random_model(rng), x) != key
+
+
+# -- the augmentation's colour stage ---------------------------------------------------------
+# SimCLR's, and one without the hue step and with every gate's probability moved (each
+# config compiles once more: its numbers are constants of the compiled code)
+COLOUR_CONFIGS = [AugmentConfig(),
+                  AugmentConfig(jitter=(0.4, 0.4, 0.4, 0.0), flip_p=0.0, jitter_p=1.0,
+                                gray_p=0.5)]
+
+
+@pytest.mark.parametrize("cfg", COLOUR_CONFIGS, ids=["simclr", "no-hue"])
+def test_compiled_colour_stage_matches_eager_for_every_batch_size(cfg, rng):
+    """Views in [0, 1]: the compiled stage's pixels within 1e-5 of eager's, for fresh random
+    views and uniforms, with and without the hue step, at batch sizes that are not multiples
+    of any vector width; and a view does not depend on its batch (the same pixels, bit for
+    bit, alone as among 300)."""
+    runner = ColourRunner(compiled=True)
+    x = torch.rand(300, 3, 32, 32, generator=rng)
+    u = torch.rand(300, 7, generator=rng)
+    whole = runner(x, u, cfg)
+    assert runner.compiled, runner.fallback_reason
+    want = colour_ops(x, u, cfg)
+    assert (whole - want).abs().max() <= 1e-5
+    assert whole.min() >= 0 and whole.max() <= 1
+    for b in (1, 7, 13):
+        got = runner(x[:b], u[:b], cfg)
+        assert (got - colour_ops(x[:b], u[:b], cfg)).abs().max() <= 1e-5
+        assert torch.equal(got, whole[:b])
+
+
+def test_augment_batch_takes_the_compiled_colour_stage(rng):
+    """augment_batch with the compiled stage gives eager's views to rounding, padded and
+    packed images of mixed sizes included."""
+    cfg = AugmentConfig()
+    imgs = torch.randint(0, 256, (9, 3, 40, 36), dtype=torch.uint8, generator=rng)
+    sizes = np.array([[40, 36], [32, 32], [20, 30], [40, 20], [33, 35], [32, 32],
+                      [28, 36], [40, 36], [21, 22]])
+    ids = np.arange(100, 109)
+    runner = ColourRunner(compiled=True)
+    got = augment_batch(imgs, sizes, ids, 3, 5, cfg, colour=runner)
+    want = augment_batch(imgs, sizes, ids, 3, 5, cfg)
+    assert runner.compiled, runner.fallback_reason
+    assert got.shape == want.shape == (9, 3, 32, 32)
+    assert (got - want).abs().max() <= 1e-5
+
+
+def test_a_failing_or_disagreeing_colour_stage_falls_back_to_eager(monkeypatch, rng):
+    cfg = AugmentConfig()
+    x, u = torch.rand(4, 3, 32, 32, generator=rng), torch.rand(4, 7, generator=rng)
+    want = colour_ops(x, u, cfg)
+
+    def broken(x, u, cfg):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(cb, "_compiled_colour", broken)
+    runner = ColourRunner(compiled=True)
+    with pytest.warns(RuntimeWarning, match="no C.. compiler.*colour stage runs eager"):
+        got = runner(x, u, cfg)
+    assert torch.equal(got, want) and not runner.compiled
+
+    monkeypatch.setattr(cb, "_compiled_colour", lambda x, u, cfg: colour_ops(x, u, cfg) + 0.01)
+    monkeypatch.setattr(cb, "_verified", set())  # as in a fresh process
+    runner = ColourRunner(compiled=True)
+    with pytest.warns(RuntimeWarning, match="colour stage's compiled output differs"):
+        got = runner(x, u, cfg)
+    assert torch.equal(got, want) and not runner.compiled
+    monkeypatch.setattr(cb, "_compiled_colour", lambda *a: pytest.fail("compiled path used"))
+    assert torch.equal(runner(x, u, cfg), want)

@@ -12,6 +12,7 @@ applied with probability ``jitter_p``) and grayscale.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -22,6 +23,11 @@ from .packed import Images, PackedImages
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 N_PARAMS = 48  # uniforms drawn per view: 10 crop attempts x 4, flip, 4 jitter, 2 gates, ...
+# colour_ops' uniforms: flip, jitter gate, brightness, contrast, saturation, hue, grayscale
+# (columns 0..39 belong to the crop attempts)
+COLOUR_COLUMNS = slice(40, 47)
+# runs colour_ops: (views, uniforms, config) -> views
+ColourOps = Callable[[torch.Tensor, torch.Tensor, "AugmentConfig"], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -163,13 +169,16 @@ def _replicate_pad(x: torch.Tensor, sizes: np.ndarray) -> torch.Tensor:
 
 
 def augment_batch(images: Images, sizes: torch.Tensor | np.ndarray,
-                  ids: np.ndarray, seed: int, stream: int, cfg: AugmentConfig) -> torch.Tensor:
+                  ids: np.ndarray, seed: int, stream: int, cfg: AugmentConfig,
+                  colour: ColourOps | None = None) -> torch.Tensor:
     """One view of each image.
 
     images: (B, 3, Hmax, Wmax) uint8 or float in [0, 1], each image top-left aligned in its
     padded slot, or :class:`PackedImages` (padded here in groups of similar size: a view does
     not depend on the other images of its batch); sizes: (B, 2) true (H, W); ids: (B,)
-    sample ids. Returns (B, 3, size, size) float32 in [0, 1] on the images' device.
+    sample ids. ``colour``: what runs :func:`colour_ops` (default: it, eagerly; the Engine
+    may pass a compiled one, equal to rounding). Returns (B, 3, size, size) float32 in
+    [0, 1] on the images' device.
     """
     sizes = np.asarray(sizes.cpu() if isinstance(sizes, torch.Tensor) else sizes)
     ids = np.asarray(ids)
@@ -184,7 +193,7 @@ def augment_batch(images: Images, sizes: torch.Tensor | np.ndarray,
                               device=images.pixels.device)
             for g, padded in groups:
                 out[torch.as_tensor(g, device=out.device)] = augment_batch(
-                    padded, sizes[g], ids[g], seed, stream, cfg)
+                    padded, sizes[g], ids[g], seed, stream, cfg, colour)
             return out
     u = counter_uniforms(seed, ids, stream)
     B = len(ids)
@@ -195,10 +204,18 @@ def augment_batch(images: Images, sizes: torch.Tensor | np.ndarray,
     rois = torch.from_numpy(np.concatenate([np.arange(B)[:, None], boxes], 1)).float().to(dev)
     x = roi_align(x, rois, output_size=cfg.size, spatial_scale=1.0, sampling_ratio=0,
                   aligned=True)
-    col = 40  # columns 0..39 belong to the crop attempts
+    u_colour = torch.from_numpy(u[:, COLOUR_COLUMNS]).float().to(dev)
+    return (colour or colour_ops)(x, u_colour, cfg)
+
+
+def colour_ops(x: torch.Tensor, u: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
+    """Flip, colour jitter and grayscale of cropped views ``x`` (B, 3, size, size), driven by
+    ``u`` (B, 7): the view's uniforms of :data:`COLOUR_COLUMNS`, as float32. Elementwise
+    but for one mean per view, so a view never depends on the others of its batch."""
+    B = x.shape[0]
 
     def uni(k: int) -> torch.Tensor:
-        return torch.from_numpy(u[:, col + k]).float().to(dev).view(B, 1, 1, 1)
+        return u[:, k].view(B, 1, 1, 1)
 
     flip = uni(0) < cfg.flip_p
     x = torch.where(flip, x.flip(-1), x)

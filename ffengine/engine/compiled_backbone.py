@@ -18,6 +18,13 @@ pass, with one warning that says why. A crash inside the compiled code cannot be
 here; a trace is resumable, so it finishes with ``compile "off"``. (Compiled *training* of a
 tiny odd-sized model crashed this torch build's Inductor code on CPU, 2026-12-04, which is
 why pre-training does not compile; the inference graph ran clean in every run measured.)
+
+The views that feed a compiled backbone come through a compiled colour stage too
+(:class:`ColourRunner`: the augmentation's flip, colour jitter and grayscale,
+:func:`ffengine.data.augment.colour_ops`). Eager, it is some fifty passes over the views'
+memory; Inductor fuses them into a few, 2.7x faster on the dev CPU (one thread, 256 views,
+2026-12-04), with pixels within 2e-6 of eager's. Same rules: checked against eager once per
+process and setting, a failure or a mismatch falls back to eager with one warning.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import warnings
 
 import torch
 
+from ..data.augment import AugmentConfig, colour_ops
 from ..errors import ConfigError
 from ..options import COMPILE_MODES, check_choice
 
@@ -41,7 +49,8 @@ AUTO_MIN_IMAGES = 50_000
 CHECK_RTOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
 _compiled = None  # one torch.compile'd function per process: its cache serves every model
-_verified: set[tuple] = set()  # what the compiled function was checked against eager for
+_compiled_colour = None  # the same for the colour stage: its cache serves every batch size
+_verified: set[tuple] = set()  # what the compiled functions were checked against eager for
 
 
 def _features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -66,28 +75,31 @@ def resolve_compile(mode: str, images: int, compilable: bool, reference: bool) -
     return compilable and not reference and images >= AUTO_MIN_IMAGES
 
 
-class BackboneRunner:
-    """``runner(model, x)`` = ``model.features(x)``, compiled when ``compiled`` is true."""
+class _CheckedCompiled:
+    """Runs one stage compiled when ``compiled`` is true: checked against eager on the first
+    call of each setting in the process, and eager for the rest of the pass after an error
+    or a mismatch (``fallback_reason`` says which)."""
+
+    what = "the stage"  # named in the fallback warning
 
     def __init__(self, compiled: bool):
         self.compiled = compiled
         self.fallback_reason: str | None = None  # why a compiled runner went back to eager
 
-    def __call__(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, compiled_fn, eager_fn, key: tuple, *args) -> torch.Tensor:
         if not self.compiled:
-            return model.features(x)
+            return eager_fn(*args)
         try:
-            out = _compiled_features()(model, x)
+            out = compiled_fn()(*args)
         except Exception as e:  # no C++ compiler, an unsupported op, ...: run eager instead
             self._fall_back(f"torch.compile failed ({type(e).__name__}: {e})")
-            return model.features(x)
-        key = _check_key(model, x)
+            return eager_fn(*args)
         if key not in _verified:
-            ref = model.features(x)
+            ref = eager_fn(*args)
             err = _relative_error(out, ref)
             tol = CHECK_RTOL.get(ref.dtype, CHECK_RTOL[torch.bfloat16])
             if not err <= tol:  # also catches NaN
-                self._fall_back(f"the compiled backbone's output differs from eager's by "
+                self._fall_back(f"{self.what}'s compiled output differs from eager's by "
                                 f"{err:.3g} (relative; at most {tol:g} expected)")
                 return ref
             _verified.add(key)
@@ -96,8 +108,28 @@ class BackboneRunner:
     def _fall_back(self, reason: str) -> None:
         self.compiled = False
         self.fallback_reason = reason
-        warnings.warn(f"{reason}; the backbone runs eager for the rest of this pass "
-                      "(pass compile 'off' to skip the attempt).", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{reason}; {self.what} runs eager for the rest of this pass "
+                      "(pass compile 'off' to skip the attempt).", RuntimeWarning, stacklevel=4)
+
+
+class BackboneRunner(_CheckedCompiled):
+    """``runner(model, x)`` = ``model.features(x)``, compiled when ``compiled`` is true."""
+
+    what = "the backbone"
+
+    def __call__(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self._run(_compiled_features, _features, _check_key(model, x), model, x)
+
+
+class ColourRunner(_CheckedCompiled):
+    """``runner(x, u, cfg)`` = ``colour_ops(x, u, cfg)``, compiled when ``compiled`` is true:
+    the ``colour`` argument of :func:`ffengine.data.augment.augment_batch`."""
+
+    what = "the augmentation's colour stage"
+
+    def __call__(self, x: torch.Tensor, u: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
+        key = ("colour_ops", cfg, x.dtype, str(x.device))
+        return self._run(_compiled_colour_ops, colour_ops, key, x, u, cfg)
 
 
 def _check_key(model: torch.nn.Module, x: torch.Tensor) -> tuple:
@@ -121,3 +153,10 @@ def _compiled_features():
     if _compiled is None:
         _compiled = torch.compile(_features, dynamic=True)
     return _compiled
+
+
+def _compiled_colour_ops():
+    global _compiled_colour
+    if _compiled_colour is None:
+        _compiled_colour = torch.compile(colour_ops, dynamic=True)
+    return _compiled_colour

@@ -18,7 +18,9 @@ An objective answers four questions for the run it belongs to:
    than one draw changes anything (CLIP's scoring view is deterministic); ``needs_captions``:
    whether a sample without a readable caption is skipped when its batch is decoded;
    ``compilable``: whether the backbone forward runs through a swappable ``backbone``
-   (:class:`~ffengine.engine.compiled_backbone.BackboneRunner`) that may compile it.
+   (:class:`~ffengine.engine.compiled_backbone.BackboneRunner`) that may compile it, and the
+   views' colour stage through a swappable ``colour``
+   (:class:`~ffengine.engine.compiled_backbone.ColourRunner`), compiled with it.
 
 :func:`objective_for` picks the objective from the run manifest's ``objective.name``.
 """

@@ -38,7 +38,7 @@ from ..ops.ghost_score import ENV_VAR as BACKEND_ENV_VAR
 from ..ops.ghost_score import resolve_backend
 from ..options import AGGREGATES, CHECKPOINT_WEIGHTS, COMBINES, check_choice
 from ..run import Checkpoint, Run
-from .compiled_backbone import BackboneRunner, resolve_compile
+from .compiled_backbone import BackboneRunner, ColourRunner, resolve_compile
 from .instance import Instance
 from .objective import objective_for
 
@@ -156,10 +156,11 @@ class Engine:
         precision: "float32", or "bfloat16" to run the backbone under bf16 autocast (the
             scored layers' maths stays float32); faster only where the device has bf16
             units. How much scores move: bench/README.md.
-        compile_backbone: "auto", "on" or "off": run the backbone forward through
-            ``torch.compile`` (:mod:`ffengine.engine.compiled_backbone`; outputs within
-            rounding of eager's, 2.1-2.6x faster on the dev CPU). "auto" compiles a pass of at
-            least ``AUTO_MIN_IMAGES`` backbone images of a SimCLR run, never the reference.
+        compile_backbone: "auto", "on" or "off": run the backbone forward, and the
+            augmentation's colour stage that feeds it, through ``torch.compile``
+            (:mod:`ffengine.engine.compiled_backbone`; outputs within rounding of eager's,
+            2.1-2.6x faster on the dev CPU). "auto" compiles a pass of at least
+            ``AUTO_MIN_IMAGES`` backbone images of a SimCLR run, never the reference.
     """
 
     def __init__(self, run: Run | str | Path, checkpoints: str | Sequence[int] = "all",
@@ -296,12 +297,14 @@ class Engine:
         return True
 
     def _set_backbone(self, n: int) -> None:
-        """Give the objective a backbone runner, compiled or not, for a pass over n samples."""
+        """Give the objective its backbone and colour-stage runners, compiled or not (both
+        or neither), for a pass over n samples."""
         compilable = getattr(self.objective, "compilable", False)
         images = n * self.objective.views * self.draws * len(self.checkpoints)
         if compilable:
-            self.objective.backbone = BackboneRunner(
-                resolve_compile(self.compile_backbone, images, compilable, self.reference))
+            compiled = resolve_compile(self.compile_backbone, images, compilable, self.reference)
+            self.objective.backbone = BackboneRunner(compiled)
+            self.objective.colour = ColourRunner(compiled)
 
     @property
     def backbone_compiled(self) -> bool:
@@ -313,6 +316,18 @@ class Engine:
     def backbone_fallback(self) -> str | None:
         """Why a compiled backbone went back to eager, if it did."""
         runner = getattr(self.objective, "backbone", None)
+        return None if runner is None else runner.fallback_reason
+
+    @property
+    def colour_compiled(self) -> bool:
+        """Whether the augmentation's colour stage runs compiled now."""
+        runner = getattr(self.objective, "colour", None)
+        return bool(runner is not None and runner.compiled)
+
+    @property
+    def colour_fallback(self) -> str | None:
+        """Why a compiled colour stage went back to eager, if it did."""
+        runner = getattr(self.objective, "colour", None)
         return None if runner is None else runner.fallback_reason
 
     def to_device(self, batch: DecodedBatch) -> PackedImages:

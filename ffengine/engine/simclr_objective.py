@@ -15,7 +15,7 @@ from ..models import SimCLRModel
 from ..options import PRECISIONS
 from ..reference.scoring import score_batch_reference
 from ..run import Checkpoint, Run
-from .compiled_backbone import BackboneRunner
+from .compiled_backbone import BackboneRunner, ColourRunner
 from .cosine import cosine_gradients
 from .head import ghost_terms, head_signals, normalized_scores, scored_modules
 
@@ -40,7 +40,9 @@ class SimclrObjective:
     views = 2
     draws_matter = True  # every draw is a new pair of augmented views
     needs_captions = False
-    compilable = True  # the backbone is one module: BackboneRunner may compile it
+    # the backbone is one module: BackboneRunner may compile it (and ColourRunner the views'
+    # colour stage)
+    compilable = True
 
     # the backbone may run under bf16 autocast (the head's maths stays float32)
     precisions = PRECISIONS
@@ -51,7 +53,9 @@ class SimclrObjective:
         self.layers = run.scored_layers
         self.temperature = run.temperature
         self.augment = run.augment
-        self.backbone = BackboneRunner(compiled=False)  # the Engine swaps in its choice
+        # the Engine swaps in its choice of both (compiled together)
+        self.backbone = BackboneRunner(compiled=False)
+        self.colour = ColourRunner(compiled=False)
 
     def load_model(self, ckpt: Checkpoint, device: torch.device | str = "cpu") -> SimCLRModel:
         model = self.run.load_model(ckpt, device)
@@ -70,7 +74,8 @@ class SimclrObjective:
         with torch.no_grad():
             for v in (0, 1):
                 x = augment_batch(images, sizes, ids, seed,
-                                  stream_id(SCORE_STREAM, epoch, draw, v), self.augment)
+                                  stream_id(SCORE_STREAM, epoch, draw, v), self.augment,
+                                  colour=self.colour)
                 x = x.contiguous(memory_format=backbone_memory_format(x.device))
                 with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
                     out += [self.backbone(model, x[s: s + BACKBONE_BATCH]).float()
