@@ -306,29 +306,29 @@ class Engine:
             self.objective.backbone = BackboneRunner(compiled)
             self.objective.colour = ColourRunner(compiled)
 
+    def _runner(self, name: str):
+        """The objective's ``backbone`` or ``colour`` runner (None where it has none)."""
+        return getattr(self.objective, name, None)
+
     @property
     def backbone_compiled(self) -> bool:
         """Whether the backbone runs compiled now (false again after a fallback to eager)."""
-        runner = getattr(self.objective, "backbone", None)
-        return bool(runner is not None and runner.compiled)
+        return bool(getattr(self._runner("backbone"), "compiled", False))
 
     @property
     def backbone_fallback(self) -> str | None:
         """Why a compiled backbone went back to eager, if it did."""
-        runner = getattr(self.objective, "backbone", None)
-        return None if runner is None else runner.fallback_reason
+        return getattr(self._runner("backbone"), "fallback_reason", None)
 
     @property
     def colour_compiled(self) -> bool:
         """Whether the augmentation's colour stage runs compiled now."""
-        runner = getattr(self.objective, "colour", None)
-        return bool(runner is not None and runner.compiled)
+        return bool(getattr(self._runner("colour"), "compiled", False))
 
     @property
     def colour_fallback(self) -> str | None:
         """Why a compiled colour stage went back to eager, if it did."""
-        runner = getattr(self.objective, "colour", None)
-        return None if runner is None else runner.fallback_reason
+        return getattr(self._runner("colour"), "fallback_reason", None)
 
     def to_device(self, batch: DecodedBatch) -> PackedImages:
         """The batch's packed images on the scoring device (moved once per chunk)."""
