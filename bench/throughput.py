@@ -10,15 +10,20 @@ comparable. Each measurement runs in its own process, so ``*_peak_mib`` is that
 measurement's own peak resident memory (VmHWM; on a GPU, ``*_gpu_peak_mib`` is the peak
 allocated by PyTorch there). The run is a freshly initialized model
 saved in the run format (weights do not change the cost), the data ``n`` random 32×32
-images in a sample index, the instances random images. Prints a human table on stderr and
-one JSON object on stdout (``--json``).
+images in a sample index, the instances random images. On a GPU every measurement computes
+in full float32 as the engine does (``ffengine.engine.float32.ieee_float32``: no TF32
+convolutions), plain inference too. Prints a human table on stderr and one JSON object on
+stdout (``--json``); ``--out FILE`` also keeps it in a file, rewritten after every
+measurement.
 
 * ``inference_sps``: the backbone alone on batches of 256 views under inference_mode (what
   the engine feeds it: one view of a 256-sample scoring batch).
 * ``engine_sps``: ``Engine(run).score(index, instances)`` per backend (decode, augment,
   backbone, ghost score), K = 1 and K = 8 instances, with the backbone eager; the keys
-  ``BACKEND+compile/K=..`` run it through ``torch.compile`` (``compile_backbone="on"``),
-  timed after a warm-up pass on 64 samples that compiles it (``compile_s``: that pass).
+  ``BACKEND+compile/K=..`` run it through ``torch.compile`` (``compile_backbone="on"``).
+  Timed after a warm-up pass on 64 samples that takes the one-off costs (Triton's JIT of
+  its kernels; with ``+compile``, the compile: ``compile_s``, else ``warmup_s``).
+  ``--workers`` decoding processes (0: in the scoring process).
 * ``inference_compiled_sps``: plain inference through ``torch.compile`` (after warm-up).
 * ``reference_sps``: the same Engine with ``reference=True`` (per-sample autograd on the
   head, materialized gradients), on ``--n-slow`` samples.
@@ -92,11 +97,12 @@ def build_setup(root: Path, model: str, n: int, seed: int = 0) -> None:
 
 
 def measure(root: Path, what: str, backend: str, K: int, n_slow: int,
-            device: str = "cpu") -> dict:
+            device: str = "cpu", workers: int = 0) -> dict:
     """One measurement in this process, on ``device``: images/s and peak MiB."""
     import torch
 
     from ffengine.data.index import SampleIndex
+    from ffengine.engine.float32 import ieee_float32
     from ffengine.engine.instance import load_instance
     from ffengine.engine.scoring import Engine
     from ffengine.run import Run
@@ -116,7 +122,8 @@ def measure(root: Path, what: str, backend: str, K: int, n_slow: int,
         x = torch.rand(256, 3, 32, 32, device=device).contiguous(memory_format=fmt)
         n_views = 2 * len(index)
         forward = torch.compile(model.features) if compiled else model.features
-        with torch.inference_mode():
+        # full float32 on a GPU, as the engine computes (no TF32 convolutions)
+        with torch.inference_mode(), ieee_float32(device):
             t0 = time.perf_counter()
             forward(x)  # warm-up (compiles)
             _sync(device)
@@ -130,23 +137,27 @@ def measure(root: Path, what: str, backend: str, K: int, n_slow: int,
     elif what in ("engine", "reference"):
         sub = index if what == "engine" else _head(index, n_slow, root)
         eng = Engine(run, checkpoints="last", backend=backend, progress=False,
-                     reference=what == "reference", device=device,
+                     reference=what == "reference", device=device, workers=workers,
                      compile_backbone="on" if compiled else "off")
-        if compiled:  # compile on a small pass first: the figure is the steady state
-            t0 = time.perf_counter()
-            eng.score(_head(index, 64, root), insts, check_index=False)
-            extra["compile_s"] = time.perf_counter() - t0
-            if not eng.backbone_compiled:
-                raise RuntimeError(f"the backbone did not compile: {eng.backbone_fallback}")
+        # a small pass first, timed apart: the figure is the steady state, without the
+        # one-off compiles (torch.compile's of the backbone, Triton's JIT of its kernels)
+        t0 = time.perf_counter()
+        eng.score(_head(index, 64, root), insts, check_index=False)
+        _sync(device)
+        extra["warmup_s" if not compiled else "compile_s"] = time.perf_counter() - t0
+        if compiled and not eng.backbone_compiled:
+            raise RuntimeError(f"the backbone did not compile: {eng.backbone_fallback}")
         t0 = time.perf_counter()
         eng.score(sub, insts, check_index=False)  # ``sub`` may be a prefix of the run's data
         _sync(device)
         dt = time.perf_counter() - t0
         images = 2 * len(sub)
     elif what == "vmap":
-        dt, images = _vmap_scores(run, _head(index, n_slow, root), insts, device)
+        with ieee_float32(device):  # the baselines compute in float32 as the engine does
+            dt, images = _vmap_scores(run, _head(index, n_slow, root), insts, device)
     elif what == "naive":
-        dt, images = _naive_scores(run, _head(index, n_slow, root), insts, device)
+        with ieee_float32(device):
+            dt, images = _naive_scores(run, _head(index, n_slow, root), insts, device)
     else:
         raise ValueError(what)
     gpu = ({"gpu_peak_mib": torch.cuda.max_memory_allocated(device) / 2 ** 20}
@@ -295,18 +306,27 @@ def main(argv: list[str] | None = None) -> int:
                    help="default: torch,cpu,torch+compile,cpu+compile on CPU; torch,triton,cuda,"
                         "triton+compile on CUDA (+compile: the backbone via torch.compile)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda where it exists)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="the engine's image-decoding processes (0: decode in the scoring "
+                        "process; on a GPU, use several so that decoding keeps up)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--child", nargs=6, metavar=("ROOT", "WHAT", "BACKEND", "K", "NSLOW", "DEV"),
+    p.add_argument("--out", type=Path, default=None,
+                   help="also write the JSON object here, rewritten after every measurement "
+                        "(a run stopped midway keeps what it measured)")
+    p.add_argument("--child", nargs=7,
+                   metavar=("ROOT", "WHAT", "BACKEND", "K", "NSLOW", "DEV", "WORKERS"),
                    help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
-        root, what, backend, k, n_slow, device = a.child
-        print(json.dumps(measure(Path(root), what, backend, int(k), int(n_slow), device)))
+        root, what, backend, k, n_slow, device, workers = a.child
+        print(json.dumps(measure(Path(root), what, backend, int(k), int(n_slow), device,
+                                 int(workers))))
         return 0
 
     import torch
 
     from ffengine import _ext
+    from ffengine.io_utils import atomic_write_json
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = torch.device(device).type == "cuda"
@@ -318,7 +338,28 @@ def main(argv: list[str] | None = None) -> int:
     card = f", {torch.cuda.get_device_name(device)}" if on_gpu else ""
     out = {"machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                       f"{torch.get_num_threads()} threads{card}",
-           "device": device, "date": time.strftime("%Y-%m-%d"), "models": {}}
+           "device": device, "workers": a.workers, "date": time.strftime("%Y-%m-%d"),
+           "models": {}}
+
+    def child(root: Path, what: str, backend: str, K: int = 1) -> dict:
+        r = _child([str(root), what, backend, str(K), str(a.n_slow), device, str(a.workers)])
+        print(f"  ({root.name}: {what} {backend} K={K}: {r['images_per_s']:.0f} img/s in "
+              f"{r['seconds']:.1f} s)", file=sys.stderr, flush=True)
+        return r
+
+    def save() -> None:  # after every measurement: a run stopped midway keeps what it measured
+        if a.out is not None:
+            atomic_write_json(a.out, out)
+
+    def engine(root: Path, row: dict, b: str, K: int) -> None:
+        r = child(root, "engine", b, K)
+        row["engine_sps"][f"{b}/K={K}"] = r["images_per_s"]
+        row["engine_peak_mib"][f"{b}/K={K}"] = r["peak_mib"]
+        if "compile_s" in r:
+            row.setdefault("engine_compile_s", {})[f"{b}/K={K}"] = r["compile_s"]
+        _gpu_peak(row, "engine", r, f"{b}/K={K}")
+        save()
+
     with tempfile.TemporaryDirectory() as tmp:
         for model in a.models.split(","):
             sizes = [int(float(x)) for x in a.n.split(",")] if model != "resnet18" else [
@@ -328,35 +369,35 @@ def main(argv: list[str] | None = None) -> int:
                 root = Path(tmp) / f"{model}-{n}"
                 build_setup(root, model, n)
                 row: dict = {"n": n}
-                r = _child([str(root), "inference", "torch", "1", str(a.n_slow), device])
+                res["sizes"][str(n)] = row
+                out["models"][model] = res
+                r = child(root, "inference", "torch")
                 row["inference_sps"] = r["images_per_s"]
                 row["inference_peak_mib"] = r["peak_mib"]
                 _gpu_peak(row, "inference", r)
-                if n == sizes[0]:
-                    r = _child([str(root), "inference", "torch+compile", "1", str(a.n_slow),
-                                device])
-                    row["inference_compiled_sps"] = r["images_per_s"]
-                    row["inference_compile_s"] = r["compile_s"]
+                save()
                 row["engine_sps"], row["engine_peak_mib"] = {}, {}
                 # the larger sizes show how memory grows with n: one backend, K = 1
                 grid = [(b, K) for b in backends for K in (1, 8)] if n == sizes[0] else [
                     (backends[0], 1)]
-                for b, K in grid:
-                    r = _child([str(root), "engine", b, str(K), str(a.n_slow), device])
-                    row["engine_sps"][f"{b}/K={K}"] = r["images_per_s"]
-                    row["engine_peak_mib"][f"{b}/K={K}"] = r["peak_mib"]
-                    if "compile_s" in r:
-                        row.setdefault("engine_compile_s", {})[f"{b}/K={K}"] = r["compile_s"]
-                    _gpu_peak(row, "engine", r, f"{b}/K={K}")
+                # quick measurements first, the compiled ones (a compile each) last: a run
+                # stopped at its time limit keeps the most
+                for b, K in [bk for bk in grid if "+" not in bk[0]]:
+                    engine(root, row, b, K)
                 if n == sizes[0]:
                     for what in ("reference", "vmap", "naive"):
-                        r = _child([str(root), what, "torch", "1", str(a.n_slow), device])
+                        r = child(root, what, "torch")
                         row[f"{what}_sps"], row[f"{what}_peak_mib"] = r["images_per_s"], r[
                             "peak_mib"]
                         _gpu_peak(row, what, r)
-                res["sizes"][str(n)] = row
+                        save()
+                    r = child(root, "inference", "torch+compile")
+                    row["inference_compiled_sps"] = r["images_per_s"]
+                    row["inference_compile_s"] = r["compile_s"]
+                    save()
+                for b, K in [bk for bk in grid if "+" in bk[0]]:
+                    engine(root, row, b, K)
                 _print_row(model, row)
-            out["models"][model] = res
     if a.json:
         print(json.dumps(out, sort_keys=True))
     return 0

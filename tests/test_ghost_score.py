@@ -346,11 +346,20 @@ def test_auto_without_extension_takes_torch_and_says_why_once(no_extension, capl
 def test_auto_on_cuda_falls_back_to_torch_with_one_warning(
     monkeypatch, fresh_backend_state, caplog
 ):
+    """Neither GPU kernel can run (simulated, so that this holds on a GPU machine where both
+    would): auto takes torch and says once why it passed over each."""
+    from ffengine.ops import cuda_ext
+
     monkeypatch.delenv(gs_module.ENV_VAR, raising=False)
     monkeypatch.setattr(gs_module, "_triton_unavailable", lambda device: "simulated: no Triton")
+    monkeypatch.setattr(cuda_ext, "_build", lambda: (None, "simulated: no nvcc"))
+    cuda_ext._reset_for_tests()
     caplog.set_level(logging.WARNING, logger=gs_module.__name__)
-    assert resolve_backend(None, device="cuda") == "torch"
-    assert resolve_backend("auto", device="cuda") == "torch"
+    try:
+        assert resolve_backend(None, device="cuda") == "torch"
+        assert resolve_backend("auto", device="cuda") == "torch"
+    finally:
+        cuda_ext._reset_for_tests()
     fallbacks = [r for r in caplog.records if "falling back" in r.getMessage()]
     assert len(fallbacks) == 1
     assert "'triton': simulated: no Triton" in fallbacks[0].getMessage()

@@ -39,6 +39,7 @@ from ..ops.ghost_score import resolve_backend
 from ..options import AGGREGATES, CHECKPOINT_WEIGHTS, COMBINES, check_choice
 from ..run import Checkpoint, Run
 from .compiled_backbone import BackboneRunner, ColourRunner, resolve_compile
+from .float32 import ieee_float32
 from .instance import Instance
 from .objective import objective_for
 
@@ -279,7 +280,8 @@ class Engine:
         xr = [inst.tensors(self.device)[1] for inst in instances]
         for t, ckpt in enumerate(self.checkpoints):
             model = self.objective.load_model(ckpt, self.device)
-            g, c = self.objective.cosine_gradients(model, xb, xr)
+            with ieee_float32(self.device):
+                g, c = self.objective.cosine_gradients(model, xb, xr)
             state.models.append(model)
             state.grads.append(g)
             state.cos[t] = c.detach().cpu().numpy()
@@ -350,14 +352,15 @@ class Engine:
         model, ckpt = state.models[t], self.checkpoints[t]
         n_sub = max(1, round(len(batch) / self.batch_size))
         # consecutive samples per scoring batch: they are each other's negatives
-        for sel in np.array_split(np.arange(len(batch)), n_sub):
-            sub = images.select(sel)  # padded once for every draw and view
-            for d in range(D):
-                s = self.objective.score_batch(
-                    model, state.index, sub, batch.sizes[sel], batch.ids[sel],
-                    state.grads[t], seed=self.seed, epoch=ckpt.epoch, draw=d,
-                    backend=self.backend, reference=self.reference)
-                out[d, sel] = (s * ckpt.lr).float().cpu().numpy()
+        with ieee_float32(self.device):  # no TF32: the scores must not depend on the device
+            for sel in np.array_split(np.arange(len(batch)), n_sub):
+                sub = images.select(sel)  # padded once for every draw and view
+                for d in range(D):
+                    s = self.objective.score_batch(
+                        model, state.index, sub, batch.sizes[sel], batch.ids[sel],
+                        state.grads[t], seed=self.seed, epoch=ckpt.epoch, draw=d,
+                        backend=self.backend, reference=self.reference)
+                    out[d, sel] = (s * ckpt.lr).float().cpu().numpy()
         return out
 
     def score(self, index: SampleIndex, instances: Sequence[Instance],
