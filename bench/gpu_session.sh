@@ -8,9 +8,10 @@
 #   3. the CUDA kernels' tests, the engine on cuda against the CPU (tests/test_cuda_engine.py)
 #   4. the demo traced on the GPU with every GPU backend, compared with the CPU's trace of it
 #      (.gpu/, made here by bench/prepare_gpu_session.sh: the instances and that trace)
-#   5. the kernel benchmark; 6. the throughput table (bench/throughput.py)
+#   5. a profile of an engine pass per operator (bench/engine_profile.py)
+#   6. the kernel benchmark; 7. the throughput table (bench/throughput.py)
 # What it measures lands in $OUT in at most 8 files (the device tool returns no more):
-# setup.log, tests.log, demo.log, demo_backends.json, ghost_score.{json,log},
+# setup.log, tests.log, demo.log, demo_backends.json, profile.txt, ghost_score.json,
 # throughput.{json,log}. The machine has PyTorch, Triton, numba, scipy, pybind11 and
 # pytest-benchmark; nothing is fetched. THROUGHPUT_ARGS overrides the throughput grid.
 set -uo pipefail
@@ -22,7 +23,7 @@ THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---models small,resnet18 --n 50000 --n-resnet1
 WORKERS=${WORKERS:-8}
 # DEVICE=cpu SKIP_INSTALL=1 DEMO_TRACE_ARGS="--draws 1": a dry run of the flow on a CPU
 DEVICE=${DEVICE:-cuda}
-STEPS=${STEPS:-all}  # or some of: tests,demo,kernel-bench,throughput (a second call's share)
+STEPS=${STEPS:-all}  # or some of: tests,demo,profile,kernel-bench,throughput
 LOG="$OUT/setup.log"
 want() { [ "$STEPS" = all ] || [[ ",$STEPS," == *",$1,"* ]]; }
 step() { echo "== $1 ($(date +%T), ${SECONDS}s)" | tee -a "$LOG"; }
@@ -107,12 +108,20 @@ else
     echo "   no .gpu/cpu-trace: run bench/prepare_gpu_session.sh first" | tee -a "$LOG"
 fi
 
+if want profile; then
+    step profile  # where an engine pass's time goes per operator, device and host
+    for b in torch triton; do
+        run_capped 60 "$OUT/profile.txt" python3 bench/engine_profile.py --device "$DEVICE" \
+            --n 8192 --backend "$b" --workers "$WORKERS"
+    done
+    grep "^engine\|^warm-up" "$OUT/profile.txt" | tee -a "$LOG"
+fi
+
 if want kernel-bench; then
-    step kernel-bench
-    run_capped 60 "$OUT/ghost_score.log" python3 -m pytest -q -p no:cacheprovider \
+    step kernel-bench  # its table goes to setup.log (8 files at most come back)
+    run_capped 60 "$LOG" python3 -m pytest -q -p no:cacheprovider \
         bench/bench_ghost_score.py --benchmark-json "$OUT/ghost_score.json" \
         --benchmark-group-by=param:d_out,param:K --benchmark-columns=median,iqr,rounds
-    tail -n 3 "$OUT/ghost_score.log" | tee -a "$LOG"
 fi
 
 if want throughput; then
