@@ -224,9 +224,12 @@ GRIDS = {
     # seeds 3 and 4 (added 2026-12-02): more runs of the one configuration that takes, to
     # test method candidates out of sample (docs/PREREGISTRATION.md)
     # Seed 5 (added 2026-12-04, session 19, docs/PREREGISTRATION.md entry 4): a run that
-    # fits in one session, out of sample for entries 1, 3 and 4.
+    # fits in one session, out of sample for entries 1, 3 and 4. Target class 1, automobile
+    # (added 2026-12-04, session 20, same entry): does the attack take on a class other than
+    # the truck, and do the entries hold there?
     "seeds": [replace(_base, seed=s) for s in (0, 1, 2, 3, 4)]
-    + [replace(_base, target_class=c) for c in (0, 3)] + [replace(_base, seed=5)],
+    + [replace(_base, target_class=c) for c in (0, 3)] + [replace(_base, seed=5)]
+    + [replace(_base, target_class=1)],
     # backdoor strength (added 2026-12-03, docs/PREREGISTRATION.md): the two weakest cached
     # runs that took, pre-trained to 150 epochs. The schedule is constant, so their first 75
     # epochs are the 75-epoch runs', which they continue from (extend_shorter_run).
