@@ -363,6 +363,7 @@ def test_auto_on_cuda_falls_back_to_torch_with_one_warning(
     fallbacks = [r for r in caplog.records if "falling back" in r.getMessage()]
     assert len(fallbacks) == 1
     assert "'triton': simulated: no Triton" in fallbacks[0].getMessage()
+    assert "'cuda': " in fallbacks[0].getMessage()
 
 
 def test_auto_falls_back_along_the_preference_with_one_warning(
