@@ -45,7 +45,12 @@ WHY_CAUSES = [
     "2. **Clean target-class images are the false positives.** Once `x_b` sits in the target "
     "cluster, training on clean target-class images raises cos(x_b, x_r) too (FPR target vs "
     "other in the last table). Here the target class is 10% of the clean data (500 images), "
-    "so these false positives weigh in FPR ten times more than a class holding 1% would.",
+    "so these false positives weigh in FPR ten times more than a class holding 1% would. "
+    "They follow how close a class is to x_r's: on the 15 truck-target SimCLR runs that took, "
+    "`last-max16x5-k6` flags 1–12% of the clean automobiles (the class nearest the truck) "
+    "against 0.1–1.6% of the other eight non-target classes together; on the "
+    "automobile-target run (2026-12-04; the attack fell just short of taking, ASR 0.454), "
+    "4.7% of the clean trucks against 0.3% (`bench/experiments/class_flag_rates.py`).",
     "3. **Early checkpoints add noise.** With one draw, poisons against clean trucks separate "
     "best at the final checkpoint and worse the earlier the checkpoint (seed 2, AUC 0.53 at "
     "epoch 5, 0.64 at 45, 0.72 at 60, 0.81 at 75); summing the last 2–6 checkpoints gives "
