@@ -20,14 +20,12 @@ import time
 from pathlib import Path
 
 import torch
-from throughput import _sync, build_setup  # bench/ is on sys.path when this runs
+from throughput import _sync, build_setup, measure  # bench/ is on sys.path when this runs
 from torch.profiler import ProfilerActivity, profile
 
 from ffengine.data.index import SampleIndex
-from ffengine.engine.float32 import ieee_float32
 from ffengine.engine.instance import load_instance
 from ffengine.engine.scoring import Engine
-from ffengine.engine.simclr_objective import backbone_memory_format
 from ffengine.run import Run
 
 
@@ -55,19 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         _sync(device)
         print(f"warm-up pass: {time.perf_counter() - t0:.2f} s")
 
-        model = run.load_model(run.checkpoints[-1], device)
-        fmt = backbone_memory_format(device)
-        model = model.to(memory_format=fmt)
-        x = torch.rand(256, 3, 32, 32, device=device).contiguous(memory_format=fmt)
-        with torch.inference_mode(), ieee_float32(device):
-            model.features(x)
-            _sync(device)
-            t0 = time.perf_counter()
-            reps = max(1, 2 * a.n // 256)
-            for _ in range(reps):
-                model.features(x)
-            _sync(device)
-            inf = 256 * reps / (time.perf_counter() - t0)
+        # plain inference the way the throughput table measures it (float32, channels-last)
+        inf = measure(root, "inference", "torch", 1, 0, str(device))["images_per_s"]
 
         activities = [ProfilerActivity.CPU] + (
             [ProfilerActivity.CUDA] if device.type == "cuda" else [])
