@@ -1,32 +1,108 @@
-"""Where an engine pass spends its time, per operator, on CPU or GPU (torch.profiler).
+"""Where an engine pass spends its time, on CPU or GPU: phases, then operators.
 
-    python bench/engine_profile.py --device cuda --n 4096 --workers 8 > profile.txt
+    python bench/engine_profile.py --device cuda --n 8192 --workers 8 > profile.txt
 
 Builds the throughput benchmark's setup (bench/throughput.py: a fresh ``--model``, ``--n``
-random images), runs one warm-up pass (one-off compiles and caches), then profiles a second
-``Engine.score`` pass and prints: its wall time and backbone images/s, the same for plain
-inference on batches of 256 views, and the top operators by self device time and by self
-host time (on a GPU, host time above device time means launches, not kernels, bound the
-pass). Written for GPU sessions (bench/gpu_session.sh), where the engine ran at 0.05x plain
-inference on 2026-12-04 (bench/README.md, "GPU").
+random images), runs one warm-up pass (one-off compiles and caches), then times, without
+the profiler:
+
+* the engine fed by its loader (``--workers`` decoding processes), and how long it waited
+  for decoded chunks;
+* the engine fed from memory (every chunk decoded beforehand): its compute alone; and the
+  same with ``torch.backends.cudnn.benchmark`` on (cuDNN times its algorithms per shape);
+* decoding alone through the loader;
+* plain inference on batches of 256 views in full float32 (as the throughput table and the
+  engine compute), with cudnn.benchmark, and with PyTorch's default TF32 convolutions.
+
+Then it profiles one engine pass fed from memory and prints the top operators by self
+device time and by self host time (on a GPU, host time above device time means launches
+and synchronizations, not kernels, bound the pass). Written for GPU sessions
+(bench/gpu_session.sh), where the engine ran at 0.05x plain inference on 2026-12-04
+(bench/README.md, "GPU").
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from throughput import _sync, build_setup, measure  # bench/ is on sys.path when this runs
+from throughput import _sync, build_setup  # bench/ is on sys.path when this runs
 from torch.profiler import ProfilerActivity, profile
 
+import ffengine.engine.scoring as scoring
 from ffengine.data.index import SampleIndex
+from ffengine.data.loader import iter_chunks
+from ffengine.engine.float32 import ieee_float32
 from ffengine.engine.instance import load_instance
 from ffengine.engine.scoring import Engine
+from ffengine.engine.simclr_objective import backbone_memory_format
 from ffengine.run import Run
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(on: bool):
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old
+
+
+@contextlib.contextmanager
+def _fed(batches: list | None, waits: list[float]):
+    """Engine.score's loader replaced: fed from ``batches`` (decoded beforehand) when given,
+    else the real loader with the time spent waiting for each chunk added to ``waits``."""
+    real = scoring.iter_chunks
+
+    def timed(*args, **kwargs):
+        it = iter(batches) if batches is not None else iter(real(*args, **kwargs))
+        while True:
+            t0 = time.perf_counter()
+            try:
+                b = next(it)
+            except StopIteration:
+                return
+            waits.append(time.perf_counter() - t0)
+            yield b
+
+    scoring.iter_chunks = timed
+    try:
+        yield
+    finally:
+        scoring.iter_chunks = real
+
+
+def _timed_pass(eng: Engine, index, insts, device, batches=None) -> tuple[float, float]:
+    """(seconds, seconds waiting for data) of one Engine.score pass."""
+    waits: list[float] = []
+    with _fed(batches, waits):
+        t0 = time.perf_counter()
+        eng.score(index, insts, check_index=False)
+        _sync(device)
+        return time.perf_counter() - t0, sum(waits)
+
+
+def _inference_sps(run: Run, device, views: int, tf32: bool, benchmark: bool) -> float:
+    """Plain backbone images/s on batches of 256 views, as bench/throughput.py measures it
+    (full float32 unless ``tf32``: PyTorch's default cuDNN convolutions then)."""
+    fmt = backbone_memory_format(device)
+    model = run.load_model(run.checkpoints[-1], device).to(memory_format=fmt)
+    x = torch.rand(256, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    precision = contextlib.nullcontext() if tf32 else ieee_float32(device)
+    with torch.inference_mode(), precision, _cudnn_benchmark(benchmark):
+        model.features(x)  # warm-up (with benchmark: cuDNN's algorithm search)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(max(1, views // 256)):
+            model.features(x)
+        _sync(device)
+        return 256 * max(1, views // 256) / (time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=30)
     a = p.parse_args(argv)
     device = torch.device(a.device)
+    print(f"== engine_profile: model {a.model}, n {a.n}, backend {a.backend}, K {a.K}, "
+          f"compile {a.compile}, workers {a.workers}, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "setup"
         build_setup(root, a.model, a.n)
@@ -48,24 +127,38 @@ def main(argv: list[str] | None = None) -> int:
         insts = [load_instance(root / "instances" / f"{k:02d}") for k in range(a.K)]
         eng = Engine(run, checkpoints="last", backend=a.backend, progress=False,
                      device=device, workers=a.workers, compile_backbone=a.compile)
-        t0 = time.perf_counter()
-        eng.score(index, insts, check_index=False)
-        _sync(device)
-        print(f"warm-up pass: {time.perf_counter() - t0:.2f} s")
+        images = 2 * a.n  # backbone images of a pass (2 views, 1 draw, 1 checkpoint)
 
-        # plain inference the way the throughput table measures it (float32, channels-last)
-        inf = measure(root, "inference", "torch", 1, 0, str(device))["images_per_s"]
+        def line(what: str, seconds: float, extra: str = "") -> None:
+            print(f"{what:52s} {seconds:7.2f} s  {images / seconds:9.0f} img/s{extra}",
+                  flush=True)
+
+        dt, _ = _timed_pass(eng, index, insts, device)
+        line("warm-up pass (one-off costs included)", dt)
+        dt, wait = _timed_pass(eng, index, insts, device)
+        line(f"engine, loader with {a.workers} workers", dt, f"  (waiting for data {wait:.2f} s)")
+        t0 = time.perf_counter()
+        batches = list(iter_chunks(index, eng.chunks(a.n), workers=a.workers,
+                                   pin_memory=device.type == "cuda"))
+        line(f"decoding alone, {a.workers} workers", time.perf_counter() - t0)
+        dt, _ = _timed_pass(eng, index, insts, device, batches)
+        line("engine, data in memory", dt)
+        with _cudnn_benchmark(True):
+            _timed_pass(eng, index, insts, device, batches)  # the algorithm search
+            dt, _ = _timed_pass(eng, index, insts, device, batches)
+        line("engine, data in memory, cudnn.benchmark", dt)
+        for what, tf32, bench in (("float32", False, False),
+                                  ("float32, cudnn.benchmark", False, True),
+                                  ("TF32 (PyTorch's cuDNN default)", True, False)):
+            sps = _inference_sps(run, device, images, tf32, bench)
+            print(f"{'plain inference, ' + what:52s} {images / sps:7.2f} s  {sps:9.0f} img/s",
+                  flush=True)
 
         activities = [ProfilerActivity.CPU] + (
             [ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
-            t0 = time.perf_counter()
-            eng.score(index, insts, check_index=False)
-            _sync(device)
-            dt = time.perf_counter() - t0
-    print(f"engine ({a.backend}, K={a.K}, compile {a.compile}, workers {a.workers}) on "
-          f"{device}: {dt:.2f} s for {2 * a.n} backbone images = {2 * a.n / dt:.0f} img/s "
-          f"under the profiler; plain inference {inf:.0f} img/s")
+            dt, _ = _timed_pass(eng, index, insts, device, batches)
+        line("engine, data in memory, under the profiler", dt)
     ev = prof.key_averages()
     if device.type == "cuda":
         print("\n== by self device time")

@@ -114,10 +114,10 @@ fi
 if want profile; then
     step profile  # where an engine pass's time goes per operator, device and host
     for b in torch triton; do
-        run_capped 60 "$OUT/profile.txt" python3 bench/engine_profile.py --device "$DEVICE" \
-            --n 8192 --backend "$b" --workers "$WORKERS"
+        run_capped 90 "$OUT/profile.txt" python3 bench/engine_profile.py --device "$DEVICE" \
+            --n 16384 --backend "$b" --workers "$WORKERS"
     done
-    grep "^engine\|^warm-up" "$OUT/profile.txt" | tee -a "$LOG"
+    grep " s \|^==.*engine_profile" "$OUT/profile.txt" | tee -a "$LOG"
 fi
 
 if want kernel-bench; then

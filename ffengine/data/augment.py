@@ -151,6 +151,14 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
 
+def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A small host array on ``device`` without waiting for the device: a blocking copy to
+    a GPU first drains every kernel queued before it, so the host could not queue a batch's
+    next kernels while the GPU runs its last ones. A copy from pageable memory is staged
+    before the call returns, so ``a`` may be freed at once."""
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
+
+
 def _replicate_pad(x: torch.Tensor, sizes: np.ndarray) -> torch.Tensor:
     """Fill each slot beyond its image's true (H, W) with the image's edge pixels, so that
     bilinear sampling at the bottom and right borders reads the image's own edge (as for an
@@ -160,8 +168,7 @@ def _replicate_pad(x: torch.Tensor, sizes: np.ndarray) -> torch.Tensor:
     if (sizes[:, 0] == H).all() and (sizes[:, 1] == W).all():
         return x
     dev = x.device
-    h = torch.as_tensor(sizes[:, 0], dtype=torch.int64, device=dev)
-    w = torch.as_tensor(sizes[:, 1], dtype=torch.int64, device=dev)
+    h, w = (_to_device(sizes[:, k].astype(np.int64), dev) for k in (0, 1))
     ys = torch.minimum(torch.arange(H, device=dev)[None], (h - 1)[:, None])  # (B, H)
     xs = torch.minimum(torch.arange(W, device=dev)[None], (w - 1)[:, None])  # (B, W)
     x = x.gather(2, ys[:, None, :, None].expand(B, C, H, W))
@@ -192,7 +199,7 @@ def augment_batch(images: Images, sizes: torch.Tensor | np.ndarray,
             out = torch.empty((len(ids), 3, cfg.size, cfg.size), dtype=torch.float32,
                               device=images.pixels.device)
             for g, padded in groups:
-                out[torch.as_tensor(g, device=out.device)] = augment_batch(
+                out[_to_device(np.asarray(g, dtype=np.int64), out.device)] = augment_batch(
                     padded, sizes[g], ids[g], seed, stream, cfg, colour)
             return out
     u = counter_uniforms(seed, ids, stream)
@@ -201,10 +208,10 @@ def augment_batch(images: Images, sizes: torch.Tensor | np.ndarray,
     dev = x.device
     x = _replicate_pad(x, sizes)
     boxes = crop_boxes(u, sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64), cfg)
-    rois = torch.from_numpy(np.concatenate([np.arange(B)[:, None], boxes], 1)).float().to(dev)
+    rois = _to_device(np.concatenate([np.arange(B)[:, None], boxes], 1).astype(np.float32), dev)
     x = roi_align(x, rois, output_size=cfg.size, spatial_scale=1.0, sampling_ratio=0,
                   aligned=True)
-    u_colour = torch.from_numpy(u[:, COLOUR_COLUMNS]).float().to(dev)
+    u_colour = _to_device(u[:, COLOUR_COLUMNS].astype(np.float32), dev)
     return (colour or colour_ops)(x, u_colour, cfg)
 
 

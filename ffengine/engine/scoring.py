@@ -345,23 +345,26 @@ class Engine:
         device (to move a chunk once for all checkpoints).
         """
         D, K = self.draws, state.cos.shape[1]
-        out = np.zeros((D, len(batch), K), dtype=np.float32)
         if len(batch) == 0:
-            return out
+            return np.zeros((D, 0, K), dtype=np.float32)
         images = self.to_device(batch) if images is None else images
         model, ckpt = state.models[t], self.checkpoints[t]
         n_sub = max(1, round(len(batch) / self.batch_size))
+        # the piece's terms stay on the device until its last batch: one copy back per piece,
+        # not a wait for the device after every batch
+        out = torch.zeros((D, len(batch), K), dtype=torch.float32, device=self.device)
         # consecutive samples per scoring batch: they are each other's negatives
         with ieee_float32(self.device):  # no TF32: the scores must not depend on the device
             for sel in np.array_split(np.arange(len(batch)), n_sub):
                 sub = images.select(sel)  # padded once for every draw and view
+                rows = slice(int(sel[0]), int(sel[-1]) + 1)  # array_split: consecutive
                 for d in range(D):
                     s = self.objective.score_batch(
                         model, state.index, sub, batch.sizes[sel], batch.ids[sel],
                         state.grads[t], seed=self.seed, epoch=ckpt.epoch, draw=d,
                         backend=self.backend, reference=self.reference)
-                    out[d, sel] = (s * ckpt.lr).float().cpu().numpy()
-        return out
+                    out[d, rows] = (s * ckpt.lr).float()
+        return out.cpu().numpy()
 
     def score(self, index: SampleIndex, instances: Sequence[Instance],
               check_index: bool = True) -> ScoreResult:
