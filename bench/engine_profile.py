@@ -8,11 +8,13 @@ the profiler:
 
 * the engine fed by its loader (``--workers`` decoding processes), and how long it waited
   for decoded chunks;
-* the engine fed from memory (every chunk decoded beforehand): its compute alone; and the
-  same with ``torch.backends.cudnn.benchmark`` on (cuDNN times its algorithms per shape);
+* the engine fed from memory (every chunk decoded beforehand): its compute alone (with
+  ``torch.backends.cudnn.benchmark`` on, it ran 13% slower on an H200, 2026-12-04: not
+  measured any more);
 * decoding alone through the loader;
-* plain inference on batches of 256 views in full float32 (as the throughput table and the
-  engine compute), with cudnn.benchmark, and with PyTorch's default TF32 convolutions.
+* plain inference in full float32 (as the throughput table and the engine compute) on
+  batches of 256 views and of the engine's (bench/throughput.py ``inference_batch``), and
+  with PyTorch's default TF32 convolutions.
 
 Then it profiles one engine pass fed from memory and prints the top operators by self
 device time and by self host time (on a GPU, host time above device time means launches
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from throughput import _sync, build_setup  # bench/ is on sys.path when this runs
+from throughput import _sync, build_setup, inference_batch  # bench/ is on sys.path when this runs
 from torch.profiler import ProfilerActivity, profile
 
 import ffengine.engine.scoring as scoring
@@ -42,16 +44,6 @@ from ffengine.engine.instance import load_instance
 from ffengine.engine.scoring import Engine
 from ffengine.engine.simclr_objective import backbone_memory_format
 from ffengine.run import Run
-
-
-@contextlib.contextmanager
-def _cudnn_benchmark(on: bool):
-    old = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = on
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = old
 
 
 @contextlib.contextmanager
@@ -88,21 +80,21 @@ def _timed_pass(eng: Engine, index, insts, device, batches=None) -> tuple[float,
         return time.perf_counter() - t0, sum(waits)
 
 
-def _inference_sps(run: Run, device, views: int, tf32: bool, benchmark: bool) -> float:
-    """Plain backbone images/s on batches of 256 views, as bench/throughput.py measures it
-    (full float32 unless ``tf32``: PyTorch's default cuDNN convolutions then)."""
+def _inference_sps(run: Run, device, views: int, tf32: bool, batch: int) -> float:
+    """Plain backbone images/s on batches of ``batch`` views, as bench/throughput.py
+    measures it (full float32 unless ``tf32``: PyTorch's default cuDNN convolutions then)."""
     fmt = backbone_memory_format(device)
     model = run.load_model(run.checkpoints[-1], device).to(memory_format=fmt)
-    x = torch.rand(256, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    x = torch.rand(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
     precision = contextlib.nullcontext() if tf32 else ieee_float32(device)
-    with torch.inference_mode(), precision, _cudnn_benchmark(benchmark):
-        model.features(x)  # warm-up (with benchmark: cuDNN's algorithm search)
+    with torch.inference_mode(), precision:
+        model.features(x)  # warm-up
         _sync(device)
         t0 = time.perf_counter()
-        for _ in range(max(1, views // 256)):
+        for _ in range(max(1, views // batch)):
             model.features(x)
         _sync(device)
-        return 256 * max(1, views // 256) / (time.perf_counter() - t0)
+        return batch * max(1, views // batch) / (time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,14 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         line(f"decoding alone, {a.workers} workers", time.perf_counter() - t0)
         dt, _ = _timed_pass(eng, index, insts, device, batches)
         line("engine, data in memory", dt)
-        with _cudnn_benchmark(True):
-            _timed_pass(eng, index, insts, device, batches)  # the algorithm search
-            dt, _ = _timed_pass(eng, index, insts, device, batches)
-        line("engine, data in memory, cudnn.benchmark", dt)
-        for what, tf32, bench in (("float32", False, False),
-                                  ("float32, cudnn.benchmark", False, True),
-                                  ("TF32 (PyTorch's cuDNN default)", True, False)):
-            sps = _inference_sps(run, device, images, tf32, bench)
+        big = inference_batch(device)
+        for what, tf32, batch in (("float32, batch 256", False, 256),
+                                  (f"float32, batch {big}", False, big),
+                                  (f"TF32 (cuDNN's default), batch {big}", True, big)):
+            sps = _inference_sps(run, device, images, tf32, batch)
             print(f"{'plain inference, ' + what:52s} {images / sps:7.2f} s  {sps:9.0f} img/s",
                   flush=True)
 

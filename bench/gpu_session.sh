@@ -23,7 +23,7 @@ BUDGET=${GPU_SESSION_BUDGET_S:-570}
 # steps before it took 296 s). A second call: STEPS=throughput THROUGHPUT_ARGS="--models
 # resnet18 --n-resnet18 10000"
 THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---models small --n 20000}
-WORKERS=${WORKERS:-8}
+WORKERS=${WORKERS:-14}  # decoding processes: the lent machines have 16 cores
 # DEVICE=cpu SKIP_INSTALL=1 DEMO_TRACE_ARGS="--draws 1": a dry run of the flow on a CPU
 DEVICE=${DEVICE:-cuda}
 STEPS=${STEPS:-all}  # or some of: tests,demo,profile,kernel-bench,throughput

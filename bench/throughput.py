@@ -16,8 +16,9 @@ convolutions), plain inference too. Prints a human table on stderr and one JSON 
 stdout (``--json``); ``--out FILE`` also keeps it in a file, rewritten after every
 measurement.
 
-* ``inference_sps``: the backbone alone on batches of 256 views under inference_mode (what
-  the engine feeds it: one view of a 256-sample scoring batch).
+* ``inference_sps``: the backbone alone under inference_mode on the batches the engine
+  feeds it (:func:`inference_batch`: 256 views on a CPU, one view of a scoring batch; 2048
+  on a GPU, where the engine fuses scoring batches).
 * ``engine_sps``: ``Engine(run).score(index, instances)`` per backend (decode, augment,
   backbone, ghost score), K = 1 and K = 8 instances, with the backbone eager; the keys
   ``BACKEND+compile/K=..`` run it through ``torch.compile`` (``compile_backbone="on"``).
@@ -113,13 +114,14 @@ def measure(root: Path, what: str, backend: str, K: int, n_slow: int,
     backend, _, compiled = backend.partition("+")  # "torch+compile": compiled backbone
     extra: dict = {}
     if what == "inference":
-        # the memory format the engine uses on this device, batches of 256 views: what the
-        # engine feeds the backbone (one view of a scoring batch)
+        # the memory format and batch the engine feeds the backbone on this device: one view
+        # of a 256-sample scoring batch on a CPU, 2048 views of fused batches on a GPU
         from ffengine.engine.simclr_objective import backbone_memory_format
 
         fmt = backbone_memory_format(device)
         model = run.load_model(run.checkpoints[-1], device).to(memory_format=fmt)
-        x = torch.rand(256, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+        step = inference_batch(device)
+        x = torch.rand(step, 3, 32, 32, device=device).contiguous(memory_format=fmt)
         n_views = 2 * len(index)
         forward = torch.compile(model.features) if compiled else model.features
         # full float32 on a GPU, as the engine computes (no TF32 convolutions)
@@ -129,11 +131,11 @@ def measure(root: Path, what: str, backend: str, K: int, n_slow: int,
             _sync(device)
             extra["compile_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            for _ in range(max(1, n_views // 256)):
+            for _ in range(max(1, n_views // step)):
                 forward(x)
             _sync(device)
             dt = time.perf_counter() - t0
-        images = 256 * max(1, n_views // 256)
+        images = step * max(1, n_views // step)
     elif what in ("engine", "reference"):
         sub = index if what == "engine" else _head(index, n_slow, root)
         eng = Engine(run, checkpoints="last", backend=backend, progress=False,
@@ -164,6 +166,17 @@ def measure(root: Path, what: str, backend: str, K: int, n_slow: int,
            if torch.device(device).type == "cuda" else {})
     return {"images_per_s": images / dt, "seconds": dt, "images": images,
             "peak_mib": _peak_mib(), **gpu, **extra}
+
+
+def inference_batch(device) -> int:
+    """Views per forward of plain inference: what the engine's backbone takes per forward
+    on ``device`` (a 256-sample scoring batch's view on a CPU; on a GPU, where the engine
+    fuses scoring batches, its GPU backbone batch)."""
+    import torch
+
+    from ffengine.engine.simclr_objective import backbone_batch
+
+    return 256 if torch.device(device).type == "cpu" else backbone_batch(device)
 
 
 def _head(index, n: int, root: Path):

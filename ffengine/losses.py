@@ -23,30 +23,41 @@ def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
     return F.cross_entropy(logits, pos)
 
 
-def nt_xent_per_sample_sum(z: torch.Tensor, temperature: float) -> torch.Tensor:
+def nt_xent_per_sample_sum(z: torch.Tensor, temperature: float, groups: int = 1) -> torch.Tensor:
     """``Σ_i ℓ_pre(x_i)`` with the other batch members detached for each sample's term.
 
     ``ℓ_pre(x_i) = (ℓ^a + ℓ^b) / 2`` (DESIGN.md §2); in sample ``i``'s term only its own two
     views ``a, b`` carry gradient. So one backward of this sum puts exactly
     ``∂ℓ_pre(x_i)/∂z_{i,v}`` on each view row: the per-sample backprop signal the ghost
     algebra needs.
+
+    ``groups``: the 2N rows hold ``groups`` batches of B = N / groups consecutive samples,
+    each batch its own negatives (view-major over all N: rows ``i`` and ``N + i`` are the
+    views of sample ``i``, which belongs to batch ``i // B``): the sum over every batch, as
+    one batched computation (one launch per operation, however many batches).
     """
     n = z.shape[0]
     if n % 2:
         raise ValueError(f"the per-sample loss needs an even number of views (2B), got {n}.")
+    if groups < 1 or (n // 2) % groups:
+        raise ValueError(f"{n // 2} samples do not split into {groups} equal batches.")
+    if groups > 1:  # (2N, d) -> (groups, 2B, d), each group view-major in itself
+        z = z.reshape(2, groups, n // 2 // groups, -1).transpose(0, 1).reshape(
+            groups, n // groups, -1)
+        n = z.shape[1]
     b = n // 2
-    u = F.normalize(z, dim=1)
-    partner = torch.cat([u[b:], u[:b]])
-    pos = (u * partner).sum(1) / temperature  # both views live
-    sims = u @ u.detach().T / temperature  # anchor live, every other view detached
+    u = F.normalize(z, dim=-1)
+    partner = torch.cat([u[..., b:, :], u[..., :b, :]], dim=-2)
+    pos = (u * partner).sum(-1) / temperature  # both views live
+    sims = u @ u.detach().mT / temperature  # anchor live, every other view detached
     eye = torch.eye(n, dtype=torch.bool, device=z.device)
     pos_mask = torch.zeros_like(eye)
     idx = torch.arange(n, device=z.device)
     pos_mask[idx, torch.cat([idx[b:], idx[:b]])] = True
     # the partner column carries the fully live positive similarity
-    sims = torch.where(pos_mask, pos.unsqueeze(1).expand(-1, n), sims)
+    sims = torch.where(pos_mask, pos.unsqueeze(-1).expand(*pos.shape, n), sims)
     sims = sims.masked_fill(eye, float("-inf"))
-    per_view = torch.logsumexp(sims, dim=1) - pos
+    per_view = torch.logsumexp(sims, dim=-1) - pos
     return per_view.sum() / 2
 
 

@@ -66,6 +66,33 @@ def test_per_sample_surrogate_matches_the_per_sample_losses(rng):
         assert gi[others].abs().max() == 0  # negatives are constants
 
 
+@pytest.mark.parametrize("groups", [2, 3])
+def test_per_sample_surrogate_over_groups_is_the_sum_of_each_groups(groups, rng):
+    """Several scoring batches in one call (fused on a GPU): the value and every row's
+    gradient are those of each batch on its own, its negatives its own."""
+    b = 5
+    per = [torch.randn(2 * b, 6, generator=rng, dtype=torch.float64) for _ in range(groups)]
+    # the fused layout: view-major over all samples, batch j's samples j*b .. j*b+b-1
+    z = torch.cat([p[:b] for p in per] + [p[b:] for p in per]).requires_grad_(True)
+    total = nt_xent_per_sample_sum(z, 0.5, groups)
+    (g,) = torch.autograd.grad(total, z)
+    want = 0.0
+    for j, p in enumerate(per):
+        p = p.clone().requires_grad_(True)
+        loss = nt_xent_per_sample_sum(p, 0.5)
+        (gp,) = torch.autograd.grad(loss, p)
+        want = want + loss
+        rows = list(range(j * b, j * b + b)) + list(range(groups * b + j * b,
+                                                          groups * b + j * b + b))
+        torch.testing.assert_close(g[rows], gp, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(total, want, rtol=1e-12, atol=0)
+
+
+def test_per_sample_surrogate_refuses_unequal_groups(rng):
+    with pytest.raises(ValueError, match="equal batches"):
+        nt_xent_per_sample_sum(torch.randn(14, 3, generator=rng), 0.5, groups=2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("b", [2, 3, 9])  # b=1: zero gradient, tested below

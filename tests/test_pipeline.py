@@ -146,6 +146,44 @@ def test_backbone_memory_format_moves_the_terms_by_rounding_only(small, monkeypa
     assert np.abs(last.terms - nchw.terms).max() <= 1e-5 * scale
 
 
+@pytest.mark.parametrize("limit", [72, 30])
+def test_fused_scoring_batches_move_the_terms_by_rounding_only(small, monkeypatch, limit):
+    """On a GPU the engine scores runs of equal-size scoring batches in one call (fewer
+    launches): the same terms to float32 rounding, each batch keeping its own negatives.
+    Forced here on the CPU: batch 24 splits the data into batches of 27, 27, 26, 26."""
+    from ffengine.engine import simclr_objective
+
+    model = small["run"].load_model(small["run"].checkpoints[-1])
+    inst = find_instance(model, small["cfg"], small["clean"], small["test"])
+    kw = dict(progress=False, batch_size=24, draws=2, compile_backbone="off")
+    n = len(small["index"])
+    sizes = [len(s) for s in np.array_split(np.arange(n), round(n / 24))]
+    assert len(set(sizes)) == 2  # runs of two sizes: a fused call never mixes them
+    plain = Engine(small["run"], **kw).score(small["index"], [inst, inst])
+    calls = []
+    score_batch = simclr_objective.SimclrObjective.score_batch
+
+    def record(self, model, index, images, *args, **kwargs):
+        calls.append((len(images), kwargs.get("groups", 1)))
+        return score_batch(self, model, index, images, *args, **kwargs)
+
+    monkeypatch.setattr(simclr_objective.SimclrObjective, "fused_samples",
+                        lambda self, device: limit)
+    monkeypatch.setattr(simclr_objective.SimclrObjective, "score_batch", record)
+    fused = Engine(small["run"], **kw).score(small["index"], [inst, inst])
+    # one chunk: for each checkpoint, for each call, both draws; the first checkpoint, draw 0
+    per_call = calls[: len(calls) // len(small["run"].checkpoints)][::2]
+    if limit == 72:  # 27+27 and 26+26: two calls of two batches
+        assert per_call == [(2 * sizes[0], 2), (2 * sizes[-1], 2)]
+    else:  # no two batches fit: one each
+        assert per_call == [(s, 1) for s in sizes]
+    scale = np.abs(plain.terms).max()
+    assert scale > 0
+    assert np.abs(fused.terms - plain.terms).max() <= 1e-5 * scale
+    if limit == 30:  # unfused calls: the same code path, the same bits
+        np.testing.assert_array_equal(fused.terms, plain.terms)
+
+
 def test_terms_do_not_depend_on_the_other_options(small):
     """A (checkpoint, draw, instance) term is the same whichever other checkpoints, draws and
     instances are scored beside it (to float32 rounding: K changes the BLAS blocking), so

@@ -68,12 +68,14 @@ def _bn_normalized(m: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
 
 
 def head_signals(head: nn.Module, feats: torch.Tensor, layers: Sequence[tuple[str, nn.Module]],
-                 temperature: float) -> list[LayerSignal]:
+                 temperature: float, groups: int = 1) -> list[LayerSignal]:
     """Forward ``head`` on (2B, d) view features and backprop the per-sample loss sum.
 
     ``layers`` are (name, module) pairs of modules inside ``head`` (names as in the whole
     model, from :func:`scored_modules`). The head must be in eval mode
     (BatchNorm uses its running statistics, so every view row is independent).
+    ``groups``: the rows hold that many scoring batches (see
+    :func:`~ffengine.losses.nt_xent_per_sample_sum`), each its own negatives.
     """
     if head.training:
         raise ConfigError("the head must be in eval mode for per-sample scoring.")
@@ -92,7 +94,7 @@ def head_signals(head: nn.Module, feats: torch.Tensor, layers: Sequence[tuple[st
         with torch.enable_grad():
             x = feats.detach().requires_grad_(True)  # gives the graph a leaf to start from
             z = head(x)
-            loss = nt_xent_per_sample_sum(z, temperature)
+            loss = nt_xent_per_sample_sum(z, temperature, groups)
             outs = [captured[m]["out"] for _, m in layers]
             deltas = torch.autograd.grad(loss, outs)
     finally:

@@ -355,16 +355,36 @@ class Engine:
         out = torch.zeros((D, len(batch), K), dtype=torch.float32, device=self.device)
         # consecutive samples per scoring batch: they are each other's negatives
         with ieee_float32(self.device):  # no TF32: the scores must not depend on the device
-            for sel in np.array_split(np.arange(len(batch)), n_sub):
+            for sel, groups in self._calls(np.array_split(np.arange(len(batch)), n_sub)):
                 sub = images.select(sel)  # padded once for every draw and view
                 rows = slice(int(sel[0]), int(sel[-1]) + 1)  # array_split: consecutive
+                fused = {"groups": groups} if groups > 1 else {}
                 for d in range(D):
                     s = self.objective.score_batch(
                         model, state.index, sub, batch.sizes[sel], batch.ids[sel],
                         state.grads[t], seed=self.seed, epoch=ckpt.epoch, draw=d,
-                        backend=self.backend, reference=self.reference)
+                        backend=self.backend, reference=self.reference, **fused)
                     out[d, rows] = (s * ckpt.lr).float()
         return out.cpu().numpy()
+
+    def _calls(self, batches: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
+        """The scoring batches of a piece (consecutive positions) as objective calls: (the
+        positions, how many scoring batches) per call. Where the objective fuses batches on
+        this device (``fused_samples``), runs of consecutive equal-size batches go in one
+        call, up to that many samples; else one batch per call. The negatives stay each
+        batch's own, so the scores are the same up to rounding."""
+        fused = getattr(self.objective, "fused_samples", None)
+        limit = 1 if fused is None or self.reference else fused(self.device)
+        calls: list[tuple[np.ndarray, int]] = []
+        run: list[np.ndarray] = []
+        for b in batches:
+            if run and (len(b) != len(run[0]) or (len(run) + 1) * len(b) > limit):
+                calls.append((np.concatenate(run), len(run)))
+                run = []
+            run.append(b)
+        if run:
+            calls.append((np.concatenate(run), len(run)))
+        return calls
 
     def score(self, index: SampleIndex, instances: Sequence[Instance],
               check_index: bool = True) -> ScoreResult:

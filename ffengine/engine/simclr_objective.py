@@ -20,7 +20,18 @@ from .cosine import cosine_gradients
 from .head import ghost_terms, head_signals, normalized_scores, scored_modules
 
 SCORE_STREAM = 1  # purpose tag of scoring views in the augmentation streams (pre-training: 0)
-BACKBONE_BATCH = 512  # views per backbone forward
+BACKBONE_BATCH = 512  # views per backbone forward on a CPU
+# on a GPU, samples per score_batch call (scoring batches fused) and views per backbone
+# forward: one call's kernels launch once for many scoring batches. An H200 ran the demo's
+# model 0.30x plain inference with one 256-sample batch per call, bound by 450 launches per
+# batch from one host thread (bench/README.md, "GPU"); a CPU gains nothing from it.
+GPU_FUSED_SAMPLES = 4096
+GPU_BACKBONE_BATCH = 2048
+
+
+def backbone_batch(device: torch.device | str) -> int:
+    """Views per backbone forward on ``device``."""
+    return GPU_BACKBONE_BATCH if torch.device(device).type == "cuda" else BACKBONE_BATCH
 
 
 def backbone_memory_format(device: torch.device | str) -> torch.memory_format:
@@ -66,6 +77,11 @@ class SimclrObjective:
                          x_r: Sequence[torch.Tensor]):
         return cosine_gradients(model, x_b, x_r, self.layers)
 
+    def fused_samples(self, device: torch.device | str) -> int:
+        """Samples per :meth:`score_batch` call on ``device`` (several scoring batches,
+        ``groups``) where fusing pays: on a GPU."""
+        return GPU_FUSED_SAMPLES if torch.device(device).type == "cuda" else 1
+
     def view_features(self, model: SimCLRModel, images: Images, sizes: np.ndarray,
                       ids: np.ndarray, seed: int, epoch: int, draw: int) -> torch.Tensor:
         """(2B, d) backbone features of both views (view-major rows), no autograd graph."""
@@ -77,18 +93,25 @@ class SimclrObjective:
                                   stream_id(SCORE_STREAM, epoch, draw, v), self.augment,
                                   colour=self.colour)
                 x = x.contiguous(memory_format=backbone_memory_format(x.device))
+                step = backbone_batch(x.device)
                 with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    out += [self.backbone(model, x[s: s + BACKBONE_BATCH]).float()
-                            for s in range(0, len(x), BACKBONE_BATCH)]
+                    out += [self.backbone(model, x[s: s + step]).float()
+                            for s in range(0, len(x), step)]
         return torch.cat(out)
 
     def score_batch(self, model: SimCLRModel, index, images: Images, sizes: np.ndarray,
                     ids: np.ndarray, grads: dict[str, torch.Tensor], *, seed: int, epoch: int,
-                    draw: int, backend: str | None, reference: bool) -> torch.Tensor:
+                    draw: int, backend: str | None, reference: bool,
+                    groups: int = 1) -> torch.Tensor:
+        """See :class:`~ffengine.engine.objective.Objective`; ``groups``: the samples are
+        that many scoring batches of equal size, consecutive, each its own negatives
+        (one call for all: fewer kernel launches on a GPU). Not with ``reference``."""
         feats = self.view_features(model, images, sizes, ids, seed, epoch, draw)
         if reference:
+            if groups != 1:
+                raise ValueError("the reference scores one scoring batch per call.")
             return score_batch_reference(model, feats, grads, self.layers, self.temperature)
         sig = head_signals(model.head, feats, scored_modules(model, self.layers),
-                           self.temperature)
+                           self.temperature, groups)
         dots, sq = ghost_terms(sig, grads, views=2, backend=backend)
         return normalized_scores(dots, sq)
