@@ -432,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scored layers, comma-separated module paths (default: the run's, "
                         "e.g. head.fc1,head.bn,head.fc2)")
     q.add_argument("--device", default="cpu")
-    q.add_argument("--workers", type=int, default=0, help="image-decoding processes")
+    q.add_argument("--workers", type=int, default=None,
+                   help="image-decoding processes (default: 0 on a CPU, up to 12 on a GPU)")
     q.add_argument("--seed", type=int, default=0)
     common(q)
     q.set_defaults(func=cmd_trace)

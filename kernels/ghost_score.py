@@ -41,9 +41,14 @@ _ROWS_GRAM = 32  # sample-view rows per program of the Gram kernel (its work gro
 _BLOCK_OUT = 64
 _BLOCK_IN = 64
 _BLOCK_GRAM = 128
+# _NO_B_SPECIALIZATION: Triton compiles a kernel anew for each "kind" of integer argument (1,
+# a multiple of 16, other), so a chunk's last, odd-sized batch cost a compile of every kernel
+# of every scored layer in the middle of a pass: an H200 engine pass ran 2.6x slower on
+# triton than on torch, about the time of those compiles (bench/README.md, "GPU"). The
+# batch size B only bounds masks here, so one compiled kernel serves every B.
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])  # see _NO_B_SPECIALIZATION
 def _ghost_score_kernel(
     h_ptr,
     d_ptr,
@@ -150,7 +155,7 @@ def _row_gram(rows_ptr, stride_c, N_COLS, row_ok, BLOCK_R: tl.constexpr,
     return gram
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])  # see _NO_B_SPECIALIZATION
 def _ghost_sqnorm_kernel(
     h_ptr,
     d_ptr,

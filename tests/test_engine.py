@@ -206,3 +206,19 @@ def test_onehot_sample_loss_equals_indexed_and_vmaps(rng):
         torch.testing.assert_close(val, ref.detach(), rtol=1e-12, atol=0)
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(per_sample[i], g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_default_workers_decode_in_process_on_cpu_and_in_workers_on_a_gpu(monkeypatch):
+    from ffengine.engine import scoring
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert scoring.default_workers("cpu") == 0
+    monkeypatch.setattr(scoring.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert scoring.default_workers("cuda") == scoring.GPU_DECODE_WORKERS == 12
+    monkeypatch.setattr(scoring.os, "sched_getaffinity", lambda pid: set(range(6)))
+    assert scoring.default_workers(torch.device("cuda", 0)) == 4  # two cores left
+    monkeypatch.setattr(scoring.os, "sched_getaffinity", lambda pid: {0})
+    assert scoring.default_workers("cuda") == 1
+    monkeypatch.setattr(scoring.os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 GPU processes share the 64 cores
+    assert scoring.default_workers("cuda") == 6

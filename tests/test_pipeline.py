@@ -471,6 +471,13 @@ def test_rise_weighting_scores_each_checkpoint_by_the_cosines_rise(small, tmp_pa
         trace(Engine(small["run"], **kw), small["index"], [a, b], tmp_path / "t", k=3.0)
 
 
+def test_engine_workers_default_and_refuse_negative(small):
+    assert Engine(small["run"], progress=False).workers == 0  # CPU: decode in process
+    assert Engine(small["run"], progress=False, workers=2).workers == 2
+    with pytest.raises(ConfigError, match="workers"):
+        Engine(small["run"], progress=False, workers=-1)
+
+
 def test_rise_weighting_needs_two_checkpoints(small):
     with pytest.raises(ConfigError, match="at least 2 checkpoints"):
         Engine(small["run"], checkpoints="last", weighting="rise")

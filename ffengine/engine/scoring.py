@@ -129,6 +129,28 @@ def aggregate_draws(terms: np.ndarray, how: str,
     return out.astype(np.float32)
 
 
+# decoding processes for a GPU pass: an H200 runs the demo's model at 139,000 backbone
+# images/s in float32 (70,000 samples/s), and its host's workers decoded about 4,500 of the
+# 32x32 JPEGs a second each, start-up included (2026-12-04, bench/engine_profile.py), so the
+# 8 workers of the first GPU measurements left the GPU waiting
+GPU_DECODE_WORKERS = 12
+
+
+def default_workers(device: torch.device | str) -> int:
+    """Decoding processes when the caller names none: 0 on a CPU (the scoring threads use
+    every core, and decoding is 3-5% of a one-draw CPU pass: a worker would compete with
+    them), on a GPU up to ``GPU_DECODE_WORKERS``, two cores left to the scoring process
+    (the cores shared by the processes of a multi-GPU trace on one host: LOCAL_WORLD_SIZE)."""
+    if torch.device(device).type == "cpu":
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(GPU_DECODE_WORKERS, cores - 2))
+
+
 def _names_a_backend(name: object) -> bool:
     """Whether ``name`` picks a backend rather than leaving it to auto."""
     return name is not None and str(name).strip().lower() not in ("", "auto")
@@ -150,6 +172,8 @@ class Engine:
         combine: how the instances' scores make the detection score: "mean" or "min".
         batch_size: scoring batch (the negatives); default: the pre-training batch size.
         seed: seeds the sample order and the scoring views.
+        workers: image-decoding processes; None: :func:`default_workers` (0 on a CPU,
+            several on a GPU). They never change a score.
         reference: score with the slow per-sample autograd reference instead of the ghost
             fast path (same batches, views and negatives): for tests and audits.
         layers: module paths of the scored layers instead of the run's (e.g.
@@ -167,7 +191,7 @@ class Engine:
     def __init__(self, run: Run | str | Path, checkpoints: str | Sequence[int] = "all",
                  device: torch.device | str = "cpu", backend: str | None = "auto",
                  draws: int = 1, aggregate: str = "mean", batch_size: int | None = None,
-                 seed: int = 0, chunk_batches: int = 16, workers: int = 0,
+                 seed: int = 0, chunk_batches: int = 16, workers: int | None = None,
                  progress: bool = True, reference: bool = False,
                  layers: Sequence[str] | None = None, precision: str = "float32",
                  weighting: str = "lr", combine: str = "mean",
@@ -205,7 +229,10 @@ class Engine:
         if self.batch_size < 1 or chunk_batches < 1:
             raise ConfigError(f"batch_size and chunk_batches must be at least 1, got "
                               f"{self.batch_size} and {chunk_batches}.")
-        self.chunk_batches, self.workers, self.progress = chunk_batches, workers, progress
+        self.chunk_batches, self.progress = chunk_batches, progress
+        self.workers = default_workers(self.device) if workers is None else workers
+        if self.workers < 0:
+            raise ConfigError(f"workers must be 0 or more, got {self.workers}.")
         self.reference = reference
         self.checkpoints = self._select(checkpoints)
         check_choice("weighting", weighting, CHECKPOINT_WEIGHTS)
