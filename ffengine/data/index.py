@@ -23,7 +23,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 from ..io_utils import atomic_save_npy, atomic_write_json
@@ -66,6 +66,9 @@ def decode_image(data: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             return np.array(im.convert("RGB"))
+    except UnidentifiedImageError as e:  # its message names a BytesIO's address: not useful
+        raise DataError(f"cannot decode image (not in a format PIL reads: {len(data)} bytes "
+                        f"starting {data[:8]!r})") from e
     except Exception as e:  # PIL raises many types for broken files
         raise DataError(f"cannot decode image ({type(e).__name__}: {e})") from e
 

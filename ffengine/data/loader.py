@@ -10,7 +10,13 @@ import torch
 
 from ..errors import DataError
 from .index import FLAG_CORRUPT, SampleIndex, ShardReadError
-from .packed import PackedImages, pack_images
+from .packed import PackedImages, concat_packed, pack_images
+
+# samples per decoding task with worker processes: a chunk (4,096 samples by default) is
+# decoded by several workers at once and put back together in order, so the first chunk is
+# ready after one part's decoding, not a whole chunk's (0.6 s on an H200 host, where the
+# engine then waited 0.63 s of a 1.54 s pass), and few chunks still use every worker
+DECODE_PART = 512
 
 
 @dataclass
@@ -79,17 +85,25 @@ def decode_ids(index: SampleIndex, ids: Sequence[int], captions: bool = False,
     return DecodedBatch(pack_images(arrays), np.asarray(good, dtype=np.int64), skipped)
 
 
-class _ChunkDataset(torch.utils.data.Dataset):
-    def __init__(self, index: SampleIndex, chunks: Sequence[np.ndarray], captions: bool,
+def merge_batches(parts: Sequence[DecodedBatch], pin_memory: bool = False) -> DecodedBatch:
+    """The decoded parts of one chunk, in order, as the chunk's batch: the same as decoding
+    the chunk at once (``pin_memory``: its pixels page-locked)."""
+    return DecodedBatch(concat_packed([b.packed for b in parts], pin_memory),
+                        np.concatenate([b.ids for b in parts]).astype(np.int64),
+                        [s for b in parts for s in b.skipped])
+
+
+class _PartDataset(torch.utils.data.Dataset):
+    def __init__(self, index: SampleIndex, parts: Sequence[np.ndarray], captions: bool,
                  skip_unreadable: bool):
-        self.index, self.chunks = index, chunks
+        self.index, self.parts = index, parts
         self.captions, self.skip_unreadable = captions, skip_unreadable
 
     def __len__(self) -> int:
-        return len(self.chunks)
+        return len(self.parts)
 
     def __getitem__(self, k: int) -> DecodedBatch:
-        return decode_ids(self.index, self.chunks[k], self.captions, self.skip_unreadable)
+        return decode_ids(self.index, self.parts[k], self.captions, self.skip_unreadable)
 
 
 def iter_decoded(index: SampleIndex, ids: np.ndarray, chunk: int, workers: int = 0,
@@ -104,12 +118,25 @@ def iter_chunks(index: SampleIndex, chunks: Sequence[np.ndarray], workers: int =
                 pin_memory: bool = False, captions: bool = False,
                 skip_unreadable: bool = False) -> Iterator[DecodedBatch]:
     """Decode each array of ids in ``chunks`` into one batch, in order (see
-    :func:`iter_decoded`; ``captions`` and ``skip_unreadable`` as in :func:`decode_ids`)."""
-    loader = torch.utils.data.DataLoader(
-        _ChunkDataset(index, list(chunks), captions, skip_unreadable), batch_size=None,
-        shuffle=False, num_workers=workers, pin_memory=pin_memory,
-        prefetch_factor=2 if workers > 0 else None, persistent_workers=False)
-    yield from loader
+    :func:`iter_decoded`; ``captions`` and ``skip_unreadable`` as in :func:`decode_ids`).
+    With ``workers``, each chunk is decoded in parts of :data:`DECODE_PART` samples by
+    several workers and put back together."""
+    chunks = [np.asarray(c) for c in chunks]
+    if workers == 0:
+        parts_of = [1] * len(chunks)
+        parts = chunks
+    else:
+        parts_of = [max(1, -(-len(c) // DECODE_PART)) for c in chunks]
+        parts = [p for c, k in zip(chunks, parts_of, strict=True) for p in np.array_split(c, k)]
+    loader = iter(torch.utils.data.DataLoader(
+        _PartDataset(index, parts, captions, skip_unreadable), batch_size=None,
+        shuffle=False, num_workers=workers, pin_memory=pin_memory and workers == 0,
+        prefetch_factor=4 if workers > 0 else None, persistent_workers=False))
+    for k in parts_of:
+        done = [next(loader) for _ in range(k)]
+        # parts come back as pageable memory; the merge copies them into page-locked memory
+        # once (the loader would pin each part, then the merge copy again)
+        yield done[0] if workers == 0 else merge_batches(done, pin_memory)
 
 
 def decode_all(index: SampleIndex, ids: np.ndarray | None = None) -> DecodedBatch:

@@ -91,6 +91,24 @@ def pack_images(arrays: Sequence[np.ndarray]) -> PackedImages:
     return PackedImages(flat, sizes, offsets[:-1], regular)
 
 
+def concat_packed(parts: Sequence[PackedImages], pin_memory: bool = False) -> PackedImages:
+    """The images of ``parts`` (CPU), in order, as one :class:`PackedImages`: the same as
+    packing them all at once. ``pin_memory``: the pixels in page-locked memory (copied
+    there once, not packed and then pinned)."""
+    if len(parts) == 1 and not pin_memory:
+        return parts[0]
+    total = sum(int(p.pixels.numel()) for p in parts)
+    flat = torch.empty(total, dtype=torch.uint8, pin_memory=pin_memory)
+    offsets, start = [], 0
+    for p in parts:
+        flat[start: start + p.pixels.numel()].copy_(p.pixels)
+        offsets.append(p.offsets + start)
+        start += int(p.pixels.numel())
+    sizes = np.concatenate([p.sizes for p in parts]).reshape(-1, 2).astype(np.int64)
+    regular = len(sizes) == 0 or bool((sizes == sizes[0]).all())
+    return PackedImages(flat, sizes, np.concatenate(offsets).astype(np.int64), regular)
+
+
 def pad_groups(sizes: np.ndarray) -> list[np.ndarray]:
     """Positions 0..B-1 in groups to pad together: one group (in order) when every image
     has the same size; otherwise ordered by area, a group closing before its padded pixels

@@ -22,11 +22,13 @@ from PIL import Image
 from ffengine.data import packed as packed_module
 from ffengine.data.demo_data import demo_index
 from ffengine.data.index import (
+    PackedSample,
     SampleIndex,
     ShardReadError,
     build_index,
     index_arrays,
     index_image_folder,
+    write_pack,
 )
 from ffengine.data.loader import decode_ids, iter_decoded
 from ffengine.data.packed import pad_groups
@@ -477,6 +479,41 @@ def test_iter_decoded_same_with_and_without_workers(mixed_index):
             np.testing.assert_array_equal(slot[:h, :w], images[i])
             assert not slot[h:].any() and not slot[:, w:].any()
 
+
+
+@pytest.mark.parametrize("part", [1, 3, 512])
+def test_chunks_decoded_in_parts_by_workers_equal_whole_chunks(tmp_path, np_rng, monkeypatch,
+                                                                part):
+    """With workers a chunk is decoded in parts of DECODE_PART samples, by several workers,
+    and put back together: bit for bit the batch decoding it at once gives (pixels, their
+    layout, ids, and the skipped samples with their reasons, in order)."""
+    from ffengine.data import loader
+
+    samples = []
+    for i in range(17):
+        if i in (4, 11):
+            samples.append(PackedSample(f"bad{i}", b"not an image", 0, "x"))
+            continue
+        h, w = (9, 9) if i % 5 else np_rng.integers(3, 20, 2)
+        buf = io.BytesIO()
+        Image.fromarray(np_rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+        samples.append(PackedSample(f"s{i}", buf.getvalue(), 0, "x"))
+    index = write_pack(samples, tmp_path / "idx")
+    monkeypatch.setattr(loader, "DECODE_PART", part)
+    ids = np_rng.permutation(17)
+    chunks = [ids[:7], ids[7:14], ids[14:], ids[:0]]
+    whole = list(loader.iter_chunks(index, chunks, workers=0))
+    parts = list(loader.iter_chunks(index, chunks, workers=2))
+    assert len(whole) == len(parts) == 4
+    for a, b in zip(whole, parts, strict=True):
+        np.testing.assert_array_equal(a.ids, b.ids)
+        assert a.skipped == b.skipped
+        assert torch.equal(a.packed.pixels, b.packed.pixels)
+        np.testing.assert_array_equal(a.packed.sizes, b.packed.sizes)
+        np.testing.assert_array_equal(a.packed.offsets, b.packed.offsets)
+        assert a.packed.regular == b.packed.regular
+    assert sorted(i for b in parts for i, _ in b.skipped) == [4, 11]
+    assert len(np.concatenate([b.ids for b in parts])) == 15
 
 
 def test_packed_batch_pads_any_selection_to_its_own_largest(mixed_index, np_rng):
