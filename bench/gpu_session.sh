@@ -4,11 +4,12 @@
 # order of importance, each capped by the time left of GPU_SESSION_BUDGET_S, so a slow step
 # costs the later ones, never the results already written:
 #   1. card and versions; install (pure Python: the C++ CPU op is not what this machine is for)
-#   2. the Triton kernels' GPU tests, while the CUDA kernels build in the background
-#   3. the CUDA kernels' tests, the engine on cuda against the CPU (tests/test_cuda_engine.py)
-#   4. the demo traced on the GPU with every GPU backend, compared with the CPU's trace of it
+#   2. where an engine pass spends its time (bench/engine_profile.py), before anything else
+#      loads the host's cores
+#   3. the Triton kernels' GPU tests, while the CUDA kernels build in the background
+#   4. the CUDA kernels' tests, the engine on cuda against the CPU (tests/test_cuda_engine.py)
+#   5. the demo traced on the GPU with every GPU backend, compared with the CPU's trace of it
 #      (.gpu/, made here by bench/prepare_gpu_session.sh: the instances and that trace)
-#   5. a profile of an engine pass per operator (bench/engine_profile.py)
 #   6. the kernel benchmark; 7. the throughput table (bench/throughput.py)
 # What it measures lands in $OUT in at most 8 files (the device tool returns no more):
 # setup.log, tests.log, demo.log, demo_backends.json, profile.txt, ghost_score.json,
@@ -22,11 +23,11 @@ BUDGET=${GPU_SESSION_BUDGET_S:-570}
 # the demo's model only: with the other steps, more does not fit one call (2026-12-04: the
 # steps before it took 296 s). A second call: STEPS=throughput THROUGHPUT_ARGS="--models
 # resnet18 --n-resnet18 10000"
-THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---models small --n 20000}
-WORKERS=${WORKERS:-14}  # decoding processes: the lent machines have 16 cores
+THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---models small --n 100000}
+WORKERS=${WORKERS:-12}  # decoding processes: the engine's default on a GPU (16-core hosts)
 # DEVICE=cpu SKIP_INSTALL=1 DEMO_TRACE_ARGS="--draws 1": a dry run of the flow on a CPU
 DEVICE=${DEVICE:-cuda}
-STEPS=${STEPS:-all}  # or some of: tests,demo,profile,kernel-bench,throughput
+STEPS=${STEPS:-all}  # or some of: profile,tests,demo,kernel-bench,throughput
 LOG="$OUT/setup.log"
 want() { [ "$STEPS" = all ] || [[ ",$STEPS," == *",$1,"* ]]; }
 step() { echo "== $1 ($(date +%T), ${SECONDS}s)" | tee -a "$LOG"; }
@@ -52,6 +53,15 @@ export TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=12  # the CUDA build: this card only
 step install
 [ -n "${SKIP_INSTALL:-}" ] || FFENGINE_SKIP_EXT=1 python3 -m pip install -q --no-deps \
     --no-build-isolation -e . >> "$LOG" 2>&1 || echo "install failed: see above" | tee -a "$LOG"
+
+if want profile; then
+    step profile  # where an engine pass's time goes per operator, device and host
+    for b in torch triton; do
+        run_capped 90 "$OUT/profile.txt" python3 bench/engine_profile.py --device "$DEVICE" \
+            --n 32768 --backend "$b" --workers "$WORKERS"
+    done
+    grep " s \|^==.*engine_profile" "$OUT/profile.txt" | tee -a "$LOG"
+fi
 
 # csrc/ghost_score_cuda.cu through torch's JIT build, beside the Triton tests (a throughput
 # run whose backends name cuda builds it in its first cuda measurement, before the timer)
@@ -111,14 +121,6 @@ else
     echo "   no .gpu/cpu-trace: run bench/prepare_gpu_session.sh first" | tee -a "$LOG"
 fi
 
-if want profile; then
-    step profile  # where an engine pass's time goes per operator, device and host
-    for b in torch triton; do
-        run_capped 90 "$OUT/profile.txt" python3 bench/engine_profile.py --device "$DEVICE" \
-            --n 16384 --backend "$b" --workers "$WORKERS"
-    done
-    grep " s \|^==.*engine_profile" "$OUT/profile.txt" | tee -a "$LOG"
-fi
 
 if want kernel-bench; then
     step kernel-bench  # its table goes to setup.log (8 files at most come back)
