@@ -176,7 +176,7 @@ def inference_batch(device) -> int:
 
     from ffengine.engine.simclr_objective import backbone_batch
 
-    return 256 if torch.device(device).type == "cpu" else backbone_batch(device)
+    return 256 if torch.device(device).type == "cpu" else backbone_batch(device, 32)
 
 
 def _head(index, n: int, root: Path):

@@ -21,17 +21,21 @@ from .head import ghost_terms, head_signals, normalized_scores, scored_modules
 
 SCORE_STREAM = 1  # purpose tag of scoring views in the augmentation streams (pre-training: 0)
 BACKBONE_BATCH = 512  # views per backbone forward on a CPU
-# on a GPU, samples per score_batch call (scoring batches fused) and views per backbone
-# forward: one call's kernels launch once for many scoring batches. An H200 ran the demo's
-# model 0.30x plain inference with one 256-sample batch per call, bound by 450 launches per
-# batch from one host thread (bench/README.md, "GPU"); a CPU gains nothing from it.
-GPU_FUSED_SAMPLES = 4096
-GPU_BACKBONE_BATCH = 2048
+# On a GPU, view pixels per score_batch call (scoring batches fused: 4,096 samples of 32x32
+# views) and per backbone forward (2,048 32x32 views): one call's kernels launch once for
+# many scoring batches. An H200 ran the demo's model at 0.30x plain inference with one
+# 256-sample batch per call, bound by 450 launches per batch from one host thread
+# (bench/README.md, "GPU, second session"); a CPU gains nothing from it. Bounded in pixels so
+# that large views (224x224: no fusion, 512-view forwards) keep the memory of one batch.
+GPU_FUSED_PIXELS = 4096 * 32 * 32
+GPU_BACKBONE_PIXELS = 2048 * 32 * 32
 
 
-def backbone_batch(device: torch.device | str) -> int:
-    """Views per backbone forward on ``device``."""
-    return GPU_BACKBONE_BATCH if torch.device(device).type == "cuda" else BACKBONE_BATCH
+def backbone_batch(device: torch.device | str, size: int = 32) -> int:
+    """Views of ``size`` x ``size`` pixels per backbone forward on ``device``."""
+    if torch.device(device).type != "cuda":
+        return BACKBONE_BATCH
+    return max(BACKBONE_BATCH, GPU_BACKBONE_PIXELS // (size * size))
 
 
 def backbone_memory_format(device: torch.device | str) -> torch.memory_format:
@@ -79,8 +83,10 @@ class SimclrObjective:
 
     def fused_samples(self, device: torch.device | str) -> int:
         """Samples per :meth:`score_batch` call on ``device`` (several scoring batches,
-        ``groups``) where fusing pays: on a GPU."""
-        return GPU_FUSED_SAMPLES if torch.device(device).type == "cuda" else 1
+        ``groups``) where fusing pays: on a GPU, 4,096 for 32x32 views, fewer for larger."""
+        if torch.device(device).type != "cuda":
+            return 1
+        return max(1, GPU_FUSED_PIXELS // (self.augment.size * self.augment.size))
 
     def view_features(self, model: SimCLRModel, images: Images, sizes: np.ndarray,
                       ids: np.ndarray, seed: int, epoch: int, draw: int) -> torch.Tensor:
@@ -93,7 +99,7 @@ class SimclrObjective:
                                   stream_id(SCORE_STREAM, epoch, draw, v), self.augment,
                                   colour=self.colour)
                 x = x.contiguous(memory_format=backbone_memory_format(x.device))
-                step = backbone_batch(x.device)
+                step = backbone_batch(x.device, x.shape[-1])
                 with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
                     out += [self.backbone(model, x[s: s + step]).float()
                             for s in range(0, len(x), step)]
