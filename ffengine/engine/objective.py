@@ -21,6 +21,9 @@ An objective answers four questions for the run it belongs to:
    (:class:`~ffengine.engine.compiled_backbone.BackboneRunner`) that may compile it, and the
    views' colour stage through a swappable ``colour``
    (:class:`~ffengine.engine.compiled_backbone.ColourRunner`), compiled with it.
+5. Optional ``fused_samples(device)``: how many samples one ``score_batch`` call may take
+   on ``device`` as several consecutive scoring batches of equal size (its ``groups``
+   keyword), each batch its own negatives; objectives without it get one batch per call.
 
 :func:`objective_for` picks the objective from the run manifest's ``objective.name``.
 """
