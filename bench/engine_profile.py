@@ -33,10 +33,14 @@ import time
 from pathlib import Path
 
 import torch
-from throughput import _sync, build_setup, inference_batch  # bench/ is on sys.path when this runs
+from throughput import (  # bench/ is on sys.path when this runs
+    _sync,
+    build_setup,
+    fed_engine,
+    inference_batch,
+)
 from torch.profiler import ProfilerActivity, profile
 
-import ffengine.engine.scoring as scoring
 from ffengine.data.index import SampleIndex
 from ffengine.data.loader import iter_chunks
 from ffengine.engine.float32 import ieee_float32
@@ -46,34 +50,10 @@ from ffengine.engine.simclr_objective import backbone_memory_format
 from ffengine.run import Run
 
 
-@contextlib.contextmanager
-def _fed(batches: list | None, waits: list[float]):
-    """Engine.score's loader replaced: fed from ``batches`` (decoded beforehand) when given,
-    else the real loader with the time spent waiting for each chunk added to ``waits``."""
-    real = scoring.iter_chunks
-
-    def timed(*args, **kwargs):
-        it = iter(batches) if batches is not None else iter(real(*args, **kwargs))
-        while True:
-            t0 = time.perf_counter()
-            try:
-                b = next(it)
-            except StopIteration:
-                return
-            waits.append(time.perf_counter() - t0)
-            yield b
-
-    scoring.iter_chunks = timed
-    try:
-        yield
-    finally:
-        scoring.iter_chunks = real
-
-
 def _timed_pass(eng: Engine, index, insts, device, batches=None) -> tuple[float, float]:
     """(seconds, seconds waiting for data) of one Engine.score pass."""
     waits: list[float] = []
-    with _fed(batches, waits):
+    with fed_engine(batches, waits):
         t0 = time.perf_counter()
         eng.score(index, insts, check_index=False)
         _sync(device)

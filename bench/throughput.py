@@ -24,7 +24,9 @@ measurement.
   ``BACKEND+compile/K=..`` run it through ``torch.compile`` (``compile_backbone="on"``).
   Timed after a warm-up pass on 64 samples that takes the one-off costs (Triton's JIT of
   its kernels; with ``+compile``, the compile: ``compile_s``, else ``warmup_s``).
-  ``--workers`` decoding processes (0: in the scoring process).
+  ``--workers`` decoding processes (0: in the scoring process). ``engine_data_wait_s``:
+  how long the timed pass waited for decoded chunks, ``engine_first_chunk_s`` of it for
+  the first (start-up); the rest of a pass waiting means decoding did not keep up.
 * ``inference_compiled_sps``: plain inference through ``torch.compile`` (after warm-up).
 * ``reference_sps``: the same Engine with ``reference=True`` (per-sample autograd on the
   head, materialized gradients), on ``--n-slow`` samples.
@@ -40,6 +42,7 @@ measurement.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -67,6 +70,32 @@ def _sync(device) -> None:
 
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def fed_engine(batches: list | None, waits: list[float]):
+    """Engine.score's loader replaced: fed from ``batches`` (decoded beforehand) when given,
+    else the real loader with the time spent waiting for each chunk added to ``waits``."""
+    import ffengine.engine.scoring as scoring
+
+    real = scoring.iter_chunks
+
+    def timed(*args, **kwargs):
+        it = iter(batches) if batches is not None else iter(real(*args, **kwargs))
+        while True:
+            t0 = time.perf_counter()
+            try:
+                b = next(it)
+            except StopIteration:
+                return
+            waits.append(time.perf_counter() - t0)
+            yield b
+
+    scoring.iter_chunks = timed
+    try:
+        yield
+    finally:
+        scoring.iter_chunks = real
 
 
 def build_setup(root: Path, model: str, n: int, seed: int = 0) -> None:
@@ -149,10 +178,15 @@ def measure(root: Path, what: str, backend: str, K: int, n_slow: int,
         extra["warmup_s" if not compiled else "compile_s"] = time.perf_counter() - t0
         if compiled and not eng.backbone_compiled:
             raise RuntimeError(f"the backbone did not compile: {eng.backbone_fallback}")
-        t0 = time.perf_counter()
-        eng.score(sub, insts, check_index=False)  # ``sub`` may be a prefix of the run's data
-        _sync(device)
-        dt = time.perf_counter() - t0
+        waits: list[float] = []
+        with fed_engine(None, waits):  # the real loader, its waits timed
+            t0 = time.perf_counter()
+            eng.score(sub, insts, check_index=False)  # ``sub``: maybe a prefix of the data
+            _sync(device)
+            dt = time.perf_counter() - t0
+        # how long the pass waited for decoded chunks: for the first (the loader's start-up
+        # and one chunk's decoding) and for all of them (decoding not keeping up)
+        extra["first_chunk_s"], extra["data_wait_s"] = (waits or [0.0])[0], sum(waits)
         images = 2 * len(sub)
     elif what == "vmap":
         with ieee_float32(device):  # the baselines compute in float32 as the engine does
@@ -356,8 +390,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def child(root: Path, what: str, backend: str, K: int = 1) -> dict:
         r = _child([str(root), what, backend, str(K), str(a.n_slow), device, str(a.workers)])
+        wait = (f", waiting {r['data_wait_s']:.2f} s for data ({r['first_chunk_s']:.2f} s "
+                f"for the first chunk)" if "data_wait_s" in r else "")
         print(f"  ({root.name}: {what} {backend} K={K}: {r['images_per_s']:.0f} img/s in "
-              f"{r['seconds']:.1f} s)", file=sys.stderr, flush=True)
+              f"{r['seconds']:.1f} s{wait})", file=sys.stderr, flush=True)
         return r
 
     def save() -> None:  # after every measurement: a run stopped midway keeps what it measured
@@ -368,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         r = child(root, "engine", b, K)
         row["engine_sps"][f"{b}/K={K}"] = r["images_per_s"]
         row["engine_peak_mib"][f"{b}/K={K}"] = r["peak_mib"]
-        for key in ("compile_s", "warmup_s"):  # the warm-up pass: one-off costs, timed apart
+        # the warm-up pass (one-off costs, timed apart) and the timed pass's waits for data
+        for key in ("compile_s", "warmup_s", "first_chunk_s", "data_wait_s"):
             if key in r:
                 row.setdefault(f"engine_{key}", {})[f"{b}/K={K}"] = r[key]
         _gpu_peak(row, "engine", r, f"{b}/K={K}")
