@@ -21,10 +21,10 @@ OUT=${OUT:-gpu-session-out}
 mkdir -p "$OUT"
 BUDGET=${GPU_SESSION_BUDGET_S:-570}
 # the demo's model only: with the other steps, more does not fit one call (2026-12-04: the
-# steps before it took 296 s). n = 300,000: a pass long enough (about 5 s on an H200) that the
-# decoding workers' start-up and first chunk weigh little. A second call: STEPS=throughput
-# THROUGHPUT_ARGS="--models resnet18 --n-resnet18 20000"
-THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---models small --n 300000}
+# steps before it took 296 s). n = 100,000: the setup writes it in about 30 s; each engine
+# measurement reports how long it waited for its first chunk (start-up) and for all of them.
+# A second call: STEPS=throughput THROUGHPUT_ARGS="--models resnet18 --n-resnet18 20000"
+THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---models small --n 100000}
 WORKERS=${WORKERS:-12}  # decoding processes: the engine's default on a GPU (16-core hosts)
 # DEVICE=cpu SKIP_INSTALL=1 DEMO_TRACE_ARGS="--draws 1": a dry run of the flow on a CPU
 DEVICE=${DEVICE:-cuda}

@@ -130,9 +130,10 @@ def aggregate_draws(terms: np.ndarray, how: str,
 
 
 # decoding processes for a GPU pass: an H200 runs the demo's model at 139,000 backbone
-# images/s in float32 (70,000 samples/s), and its host's workers decoded about 4,500 of the
-# 32x32 JPEGs a second each, start-up included (2026-12-04, bench/engine_profile.py), so the
-# 8 workers of the first GPU measurements left the GPU waiting
+# images/s in float32 (70,000 samples/s), and its host's workers decoded about 4,500 32x32
+# images a second each, start-up included (2026-12-04, bench/engine_profile.py: PNGs, which
+# PIL decodes as fast as the demo's JPEGs), so the 8 workers of the first GPU measurements
+# left the GPU waiting
 GPU_DECODE_WORKERS = 12
 
 
