@@ -262,6 +262,22 @@ def test_corrupt_images_are_flagged_and_skipped(corrupt_shard, tmp_path):
                                       pil_decode(jpgs[i]))
 
 
+@pytest.mark.parametrize("mode, fmt", [("RGB", "JPEG"), ("RGB", "PNG"), ("L", "JPEG"),
+                                       ("RGBA", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"),
+                                       ("I;16", "PNG")])
+def test_decode_image_is_pils_rgb_conversion_of_every_mode(mode, fmt, np_rng):
+    from ffengine.data.index import decode_image
+
+    img = Image.fromarray(np_rng.integers(0, 256, (7, 11, 3), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    with Image.open(io.BytesIO(buf.getvalue())) as ref:
+        want = np.array(ref.convert("RGB"))
+    got = decode_image(buf.getvalue())
+    assert got.dtype == np.uint8 and got.shape == (7, 11, 3) and got.flags.writeable
+    np.testing.assert_array_equal(got, want)
+
+
 def test_unverified_corrupt_images_are_skipped_on_decode(corrupt_shard, tmp_path):
     path, _ = corrupt_shard
     index = build_index([path], tmp_path / "idx", verify=False)  # no decode, no warning
