@@ -116,7 +116,11 @@ WHY_TRIED = [
     "k = 10–200): a clean truck's neighbours are clean trucks, but 37–66% of a poison's "
     "neighbours are poisons (they share the trigger), so the poisons cancel too: AUC against "
     "clean trucks 0.757 → at most 0.794 on seed 1 and 0.947 → at most 0.940 on seed 2, DACC at "
-    "k = 6 never above the default's.",
+    "k = 6 never above the default's. Adding the neighbours' median instead (smoothing, "
+    "which might lift the poisons through their poison neighbours; 2026-12-04, seeds 0 and "
+    "5, the runs whose checkpoints are still cached) does not help either: AUC against clean "
+    "trucks 0.884 → at most 0.887 and 0.927 → at most 0.915, DACC at k = 6 0.932–0.941 "
+    "against 0.952 and 0.916–0.930 against 0.955.",
     "* the order of the two reductions (`bench/experiments/reduction_order.py`, 2026-12-03, "
     "the four runs that took with cached terms: combined, logo, random location, seed 3): a "
     "poison's straddling draw raises every instance in the same draw, so the maximum over "

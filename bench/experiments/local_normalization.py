@@ -8,8 +8,10 @@ RUN_WORKDIR is a SimCLR configuration's cache directory of ``bench/detection.py`
 outputs, cosine) are clean trucks that score as high as it does, so ``score − λ · median of
 its k neighbours' scores`` should fall for it; whether it stays high for a poison depends on
 whether a poison's neighbours are clean (they are not: the poisons share the trigger and
-cluster together). Scores are the default method's (max over 16 draws, mean of 5
-instances); poisons larger than 32×32 are resized to embed them.
+cluster together). λ = -1 adds the neighbours' median instead (smoothing: since the poisons'
+neighbours are poisons, it might lift them above the clean trucks; it does not either).
+Scores are the default method's (max over 16 draws, mean of 5 instances); poisons larger
+than 32×32 are resized to embed them.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def main(works: list[Path]) -> None:
             for k in (10, 50, 200):
                 nn = np.argpartition(-sims, k, axis=1)[:, :k]
                 local = np.median(base[nn], axis=1)
-                for lam in (0.5, 1.0):
+                for lam in (0.5, 1.0, -1.0):  # -1: the neighbours' median added (smoothing)
                     det = base - lam * local
                     d = detection_metrics(flag(det, 6.0), truth["poisoned_ids"], truth["n"],
                                           scores=det)
