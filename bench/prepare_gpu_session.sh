@@ -3,7 +3,7 @@
 # what the GPU machine needs to compare with it in .gpu/ (gitignored; the device tool's
 # `carry`): the demo's backdoor instances and the CPU trace's scores and flagged ids. The
 # poisoned data itself is remade there (seeded; the trace checks its hash against the run).
-#   bash bench/prepare_gpu_session.sh [DEMO_WORKDIR]   # default ffengine-demo; 8-13 min
+#   bash bench/prepare_gpu_session.sh [DEMO_WORKDIR]   # default ffengine-demo; ~4 min
 set -euo pipefail
 WORK=${1:-ffengine-demo}
 [ -d "$WORK/pe2-r10/instances" ] || ffengine demo --workdir "$WORK" --quiet
