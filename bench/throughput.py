@@ -80,8 +80,10 @@ def fed_engine(batches: list | None, waits: list[float]):
 
     real = scoring.iter_chunks
 
-    def timed(*args, **kwargs):
-        it = iter(batches) if batches is not None else iter(real(*args, **kwargs))
+    def timed(*args, **kwargs):  # the real loader made now: its workers start at the call
+        return waited(iter(batches) if batches is not None else iter(real(*args, **kwargs)))
+
+    def waited(it):
         while True:
             t0 = time.perf_counter()
             try:

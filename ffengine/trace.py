@@ -173,15 +173,16 @@ def _score_pieces(engine: Engine, index: SampleIndex, instances: Sequence[Instan
     todo = store.todo()
     if not todo and not dist.is_main:
         return None
+    # the decoding workers start now and decode while the checkpoints load
+    batches = iter_chunks(index, [store.chunks[j] for j in todo], workers=engine.workers,
+                          pin_memory=engine.device.type == "cuda",
+                          captions=engine.objective.needs_captions,
+                          skip_unreadable=skip_unreadable)
     state = engine.prepare(instances, index)  # rank 0 always: the summary reports cos
     n_todo = sum(len(ts) for ts in todo.values())
     bar = tqdm(total=store.n_pieces, initial=store.n_pieces - n_todo, unit="piece",
                desc="score" if dist.world_size == 1 else f"score (rank {dist.rank})",
                disable=not engine.progress)
-    batches = iter_chunks(index, [store.chunks[j] for j in todo], workers=engine.workers,
-                          pin_memory=engine.device.type == "cuda",
-                          captions=engine.objective.needs_captions,
-                          skip_unreadable=skip_unreadable)
     for (j, ts), batch in zip(todo.items(), batches, strict=True):
         images = engine.to_device(batch) if len(batch) else None
         for t in ts:

@@ -120,7 +120,8 @@ def iter_chunks(index: SampleIndex, chunks: Sequence[np.ndarray], workers: int =
     """Decode each array of ids in ``chunks`` into one batch, in order (see
     :func:`iter_decoded`; ``captions`` and ``skip_unreadable`` as in :func:`decode_ids`).
     With ``workers``, each chunk is decoded in parts of :data:`DECODE_PART` samples by
-    several workers and put back together."""
+    several workers and put back together; the workers start at this call, so they decode
+    while the caller prepares (loads checkpoints, takes the cosine gradients)."""
     chunks = [np.asarray(c) for c in chunks]
     if workers == 0:
         parts_of = [1] * len(chunks)
@@ -132,6 +133,11 @@ def iter_chunks(index: SampleIndex, chunks: Sequence[np.ndarray], workers: int =
         _PartDataset(index, parts, captions, skip_unreadable), batch_size=None,
         shuffle=False, num_workers=workers, pin_memory=pin_memory and workers == 0,
         prefetch_factor=4 if workers > 0 else None, persistent_workers=False))
+    return _whole_chunks(loader, parts_of, workers, pin_memory)
+
+
+def _whole_chunks(loader: Iterator[DecodedBatch], parts_of: list[int], workers: int,
+                  pin_memory: bool) -> Iterator[DecodedBatch]:
     for k in parts_of:
         done = [next(loader) for _ in range(k)]
         # parts come back as pageable memory; the merge copies them into page-locked memory

@@ -425,12 +425,14 @@ class Engine:
             self.run.check_index(index.hash, index.path)
         n, K, T, D = len(index), len(instances), len(self.checkpoints), self.draws
         terms = np.zeros((T, D, n, K), dtype=np.float32)
+        # the decoding workers start now and decode while the checkpoints load
+        batches = iter_chunks(index, self.chunks(n), workers=self.workers,
+                              pin_memory=self.device.type == "cuda",
+                              captions=self.objective.needs_captions)
         state = self.prepare(instances, index)
         skipped: list[tuple[int, str]] = []
         bar = tqdm(total=n, desc="score", unit="sample", disable=not self.progress)
-        for batch in iter_chunks(index, self.chunks(n), workers=self.workers,
-                                 pin_memory=self.device.type == "cuda",
-                                 captions=self.objective.needs_captions):
+        for batch in batches:
             skipped.extend(batch.skipped)
             if len(batch):
                 images = self.to_device(batch)
