@@ -111,7 +111,7 @@ def iter_decoded(index: SampleIndex, ids: np.ndarray, chunk: int, workers: int =
     """Decode ``ids`` in order, ``chunk`` at a time; with ``workers`` > 0 decoding runs in
     worker processes, overlapping the caller's compute."""
     chunks = [ids[s: s + chunk] for s in range(0, len(ids), chunk)]
-    yield from iter_chunks(index, chunks, workers=workers, pin_memory=pin_memory)
+    return iter_chunks(index, chunks, workers=workers, pin_memory=pin_memory)
 
 
 def iter_chunks(index: SampleIndex, chunks: Sequence[np.ndarray], workers: int = 0,

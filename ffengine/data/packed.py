@@ -87,8 +87,13 @@ def pack_images(arrays: Sequence[np.ndarray]) -> PackedImages:
     for a, start in zip(arrays, offsets[:-1].tolist(), strict=True):
         flat[start: start + a.size].view(3, a.shape[0], a.shape[1]).copy_(
             torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1))
+    return _packed(flat, sizes, offsets[:-1])
+
+
+def _packed(flat: torch.Tensor, sizes: np.ndarray, offsets: np.ndarray) -> PackedImages:
+    """:class:`PackedImages` of ``flat`` pixels, ``regular`` when the sizes are all one."""
     regular = len(sizes) == 0 or bool((sizes == sizes[0]).all())
-    return PackedImages(flat, sizes, offsets[:-1], regular)
+    return PackedImages(flat, sizes, offsets, regular)
 
 
 def concat_packed(parts: Sequence[PackedImages], pin_memory: bool = False) -> PackedImages:
@@ -105,8 +110,7 @@ def concat_packed(parts: Sequence[PackedImages], pin_memory: bool = False) -> Pa
         offsets.append(p.offsets + start)
         start += int(p.pixels.numel())
     sizes = np.concatenate([p.sizes for p in parts]).reshape(-1, 2).astype(np.int64)
-    regular = len(sizes) == 0 or bool((sizes == sizes[0]).all())
-    return PackedImages(flat, sizes, np.concatenate(offsets).astype(np.int64), regular)
+    return _packed(flat, sizes, np.concatenate(offsets).astype(np.int64))
 
 
 def pad_groups(sizes: np.ndarray) -> list[np.ndarray]:
