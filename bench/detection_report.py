@@ -523,12 +523,14 @@ def write_markdown(rows: list[dict]) -> None:
              "variants need their own instances (`instance --reference optimized`), layers "
              "(`--layers`) or run). Traces made before 2026-12-04 ran the `torch` ghost-score "
              "backend and an eager backbone; later ones take the Engine's defaults (the `cpu` "
-             "op, and the compiled backbone for passes of 50,000 backbone images or more), "
+             "op, and until the evening of 2026-12-04 the compiled backbone for passes of "
+             "50,000 backbone images or more, eager on a CPU since), "
              "which differ from them at rounding level; `--backend torch --compile off` runs "
              "as the older ones did but for the eager backbone's memory format (channels-last "
-             "since 2026-12-04, 5e-7 relative), so it too reproduces them to float32 rounding, "
-             "not bit for bit. Each row of the JSON records how it was traced "
-             "(`trace_backend`, `trace_backbone`).", "",
+             "since 2026-12-04, 5e-7 relative) and, since the evening of 2026-12-04, its batch "
+             "norms folded into the convolutions and its 64-view forwards on a CPU (2e-7), so "
+             "it too reproduces them to float32 rounding, not bit for bit. Each row of the "
+             "JSON records how it was traced (`trace_backend`, `trace_backbone`).", "",
              f"ffengine's default method: `{DEFAULT_METHOD}`. Over the {s['n_configs']} "
              f"configuration(s) where the attack took (of {s['n_configs_tried']} tried) its "
              f"worst DACC {_f(s['dacc_min'])}, FPR {_f(s['fpr_max'])}, FNR "

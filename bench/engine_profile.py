@@ -13,8 +13,9 @@ the profiler:
   measured any more);
 * decoding alone through the loader;
 * plain inference in full float32 (as the throughput table and the engine compute) on
-  batches of 256 views and of the engine's (bench/throughput.py ``inference_batch``), and
-  with PyTorch's default TF32 convolutions.
+  batches of 256 views and of the engine's (bench/throughput.py ``inference_batch``), the
+  latter also with the batch norms folded (as the engine runs the backbone) and with
+  PyTorch's default TF32 convolutions.
 
 Then it profiles one engine pass fed from memory and prints the top operators by self
 device time and by self host time (on a GPU, host time above device time means launches
@@ -45,6 +46,7 @@ from ffengine.data.index import SampleIndex
 from ffengine.data.loader import iter_chunks
 from ffengine.engine.float32 import ieee_float32
 from ffengine.engine.instance import load_instance
+from ffengine.engine.objective import objective_for
 from ffengine.engine.scoring import Engine
 from ffengine.engine.simclr_objective import backbone_memory_format
 from ffengine.run import Run
@@ -60,11 +62,15 @@ def _timed_pass(eng: Engine, index, insts, device, batches=None) -> tuple[float,
         return time.perf_counter() - t0, sum(waits)
 
 
-def _inference_sps(run: Run, device, views: int, tf32: bool, batch: int) -> float:
+def _inference_sps(run: Run, device, views: int, tf32: bool, batch: int,
+                   folded: bool = False) -> float:
     """Plain backbone images/s on batches of ``batch`` views, as bench/throughput.py
-    measures it (full float32 unless ``tf32``: PyTorch's default cuDNN convolutions then)."""
+    measures it (full float32 unless ``tf32``: PyTorch's default cuDNN convolutions then;
+    ``folded``: batch norms folded into the convolutions, as the engine runs it)."""
     fmt = backbone_memory_format(device)
     model = run.load_model(run.checkpoints[-1], device).to(memory_format=fmt)
+    if folded:
+        model = objective_for(run).scoring_model(model)
     x = torch.rand(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
     precision = contextlib.nullcontext() if tf32 else ieee_float32(device)
     with torch.inference_mode(), precision:
@@ -116,11 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         dt, _ = _timed_pass(eng, index, insts, device, batches)
         line("engine, data in memory", dt)
         big = inference_batch(device)
-        rows = [("float32, batch 256", False, 256)] * (big != 256) + [
-            (f"float32, batch {big}", False, big),
-            (f"TF32 (cuDNN's default), batch {big}", True, big)]
-        for what, tf32, batch in rows:
-            sps = _inference_sps(run, device, images, tf32, batch)
+        rows = [("float32, batch 256", False, 256, False)] * (big != 256) + [
+            (f"float32, batch {big}", False, big, False),
+            (f"float32, batch {big}, BN folded (the engine's)", False, big, True),
+            (f"TF32 (cuDNN's default), batch {big}", True, big, False)]
+        for what, tf32, batch, folded in rows:
+            sps = _inference_sps(run, device, images, tf32, batch, folded)
             print(f"{'plain inference, ' + what:52s} {images / sps:7.2f} s  {sps:9.0f} img/s",
                   flush=True)
 

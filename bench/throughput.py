@@ -16,9 +16,12 @@ convolutions), plain inference too. Prints a human table on stderr and one JSON 
 stdout (``--json``); ``--out FILE`` also keeps it in a file, rewritten after every
 measurement.
 
-* ``inference_sps``: the backbone alone under inference_mode on the batches the engine
-  feeds it (:func:`inference_batch`: 256 views on a CPU, one view of a scoring batch; 2048
-  on a GPU, where the engine fuses scoring batches).
+* ``inference_sps``: the backbone alone, as saved, under inference_mode on the batches the
+  engine feeds it (:func:`inference_batch`: 64 views on a CPU, 2048 on a GPU, where the
+  engine fuses scoring batches).
+* ``inference_folded_sps``: the same with the batch norms folded into the convolutions, as
+  the engine's fast path runs the backbone (``fold_batchnorm``): the engine's own backbone
+  cost, so the engine's ratio to it is its overhead alone.
 * ``engine_sps``: ``Engine(run).score(index, instances)`` per backend (decode, augment,
   backbone, ghost score), K = 1 and K = 8 instances, with the backbone eager; the keys
   ``BACKEND+compile/K=..`` run it through ``torch.compile`` (``compile_backbone="on"``).
@@ -146,13 +149,16 @@ def measure(root: Path, what: str, backend: str, K: int, n_slow: int,
     insts = [load_instance(root / "instances" / f"{k:02d}") for k in range(K)]
     backend, _, compiled = backend.partition("+")  # "torch+compile": compiled backbone
     extra: dict = {}
-    if what == "inference":
-        # the memory format and batch the engine feeds the backbone on this device: one view
-        # of a 256-sample scoring batch on a CPU, 2048 views of fused batches on a GPU
+    if what in ("inference", "inference-folded"):
+        # the memory format and batch the engine feeds the backbone on this device: 64 views
+        # on a CPU, 2048 views of fused batches on a GPU
+        from ffengine.engine.objective import objective_for
         from ffengine.engine.simclr_objective import backbone_memory_format
 
         fmt = backbone_memory_format(device)
         model = run.load_model(run.checkpoints[-1], device).to(memory_format=fmt)
+        if what == "inference-folded":  # as the engine's fast path runs it
+            model = objective_for(run).scoring_model(model)
         step = inference_batch(device)
         x = torch.rand(step, 3, 32, 32, device=device).contiguous(memory_format=fmt)
         n_views = 2 * len(index)
@@ -208,13 +214,10 @@ def measure(root: Path, what: str, backend: str, K: int, n_slow: int,
 
 def inference_batch(device) -> int:
     """Views per forward of plain inference: what the engine's backbone takes per forward
-    on ``device`` (a 256-sample scoring batch's view on a CPU; on a GPU, where the engine
-    fuses scoring batches, its GPU backbone batch)."""
-    import torch
-
+    on ``device`` (64 on a CPU; on a GPU, where the engine fuses scoring batches, 2048)."""
     from ffengine.engine.simclr_objective import backbone_batch
 
-    return 256 if torch.device(device).type == "cpu" else backbone_batch(device, 32)
+    return backbone_batch(device, 32)
 
 
 def _head(index, n: int, root: Path):
@@ -239,7 +242,10 @@ def _scoring_setup(run, index, insts, device: str):
 
     eng = Engine(run, checkpoints="last", progress=False, device=device)
     state = eng.prepare(insts, index)  # a prefix of the run's data: no index check
-    model, grads = state.models[0], state.grads[0]
+    grads = state.grads[0]
+    # the model as saved, as plain autograd code would run it (the engine's fast path folds
+    # the backbone's batch norms)
+    model = eng.objective.load_model(eng.checkpoints[0], device)
     params = dict(scored_parameters(model, run.manifest["scored_layers"]))
     G = torch.cat([grads[k].reshape(grads[k].shape[0], -1) for k in params], 1)
     return eng, model, grads, params, G
@@ -431,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
                 row["inference_peak_mib"] = r["peak_mib"]
                 _gpu_peak(row, "inference", r)
                 save()
+                if n == sizes[0]:
+                    r = child(root, "inference-folded", "torch")
+                    row["inference_folded_sps"] = r["images_per_s"]
+                    save()
                 row["engine_sps"], row["engine_peak_mib"] = {}, {}
                 # the larger sizes show how memory grows with n: one backend, K = 1
                 grid = [(b, K) for b in backends for K in (1, 8)] if n == sizes[0] else [
@@ -472,12 +482,16 @@ def _print_row(model: str, row: dict) -> None:
     inf = row["inference_sps"]
     lines = [f"{model} n={row['n']}: inference {inf:.0f} img/s "
              f"({row['inference_peak_mib']:.0f} MiB)"]
+    fold = row.get("inference_folded_sps")
+    if fold:
+        lines.append(f"  inference BN folded {fold:8.0f} img/s  {fold / inf:5.2f}x inference")
     if "inference_compiled_sps" in row:
         lines.append(f"  inference compiled  {row['inference_compiled_sps']:8.0f} img/s  "
                      f"{row['inference_compiled_sps'] / inf:5.2f}x inference  (compile "
                      f"{row['inference_compile_s']:.0f} s)")
     for key, v in row["engine_sps"].items():
-        lines.append(f"  engine {key:12s} {v:8.0f} img/s  {v / inf:5.2f}x inference  "
+        folded = f"  {v / fold:5.2f}x folded" if fold else ""
+        lines.append(f"  engine {key:12s} {v:8.0f} img/s  {v / inf:5.2f}x inference{folded}  "
                      f"{row['engine_peak_mib'][key]:.0f} MiB")
     for what in ("reference", "vmap", "naive"):
         if f"{what}_sps" in row:

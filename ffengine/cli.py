@@ -426,8 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bfloat16: the backbone under bf16 autocast (GPU, AMX CPUs)")
     q.add_argument("--compile", default="auto", choices=COMPILE_MODES,
                    help="run the backbone and the views' colour stage through "
-                        "torch.compile: auto (SimCLR runs, from 50,000 backbone images: the "
-                        "compile takes 15-35 s), on, off")
+                        "torch.compile: auto (SimCLR runs on a GPU, from 50,000 backbone "
+                        "images: the compile takes 15-35 s; eager on a CPU, where compiling "
+                        "no longer pays), on, off")
     q.add_argument("--layers", default=None,
                    help="scored layers, comma-separated module paths (default: the run's, "
                         "e.g. head.fc1,head.bn,head.fc2)")

@@ -42,14 +42,23 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def test_auto_compiles_large_simclr_passes_only():
-    assert resolve_compile("auto", AUTO_MIN_IMAGES, compilable=True, reference=False)
-    assert not resolve_compile("auto", AUTO_MIN_IMAGES - 1, compilable=True, reference=False)
+def test_auto_compiles_large_simclr_passes_on_a_gpu_only():
+    gpu = torch.device("cuda")  # a device name only: nothing runs there
+    assert resolve_compile("auto", AUTO_MIN_IMAGES, compilable=True, reference=False, device=gpu)
+    assert not resolve_compile("auto", AUTO_MIN_IMAGES - 1, compilable=True, reference=False,
+                               device=gpu)
+    # a CPU: the folded eager backbone is as fast as the compiled one there
+    assert not resolve_compile("auto", 10 * AUTO_MIN_IMAGES, compilable=True, reference=False)
+    assert not resolve_compile("auto", 10 * AUTO_MIN_IMAGES, compilable=True, reference=False,
+                               device="cpu")
     # the reference is the slow audit path: auto keeps it plain eager
-    assert not resolve_compile("auto", 10 * AUTO_MIN_IMAGES, compilable=True, reference=True)
-    assert not resolve_compile("auto", 10 * AUTO_MIN_IMAGES, compilable=False, reference=False)
+    assert not resolve_compile("auto", 10 * AUTO_MIN_IMAGES, compilable=True, reference=True,
+                               device=gpu)
+    assert not resolve_compile("auto", 10 * AUTO_MIN_IMAGES, compilable=False, reference=False,
+                               device=gpu)
     assert resolve_compile("on", 1, compilable=True, reference=True)
-    assert not resolve_compile("off", 10 * AUTO_MIN_IMAGES, compilable=True, reference=False)
+    assert not resolve_compile("off", 10 * AUTO_MIN_IMAGES, compilable=True, reference=False,
+                               device=gpu)
     with pytest.raises(ConfigError, match="SimCLR runs only"):
         resolve_compile("on", 1, compilable=False, reference=False)
     with pytest.raises(ConfigError, match="expected one of"):

@@ -186,14 +186,16 @@ def test_fused_scoring_batches_move_the_terms_by_rounding_only(small, monkeypatc
 
 def test_gpu_fusion_and_backbone_batches_are_bounded_in_pixels(small):
     """On a GPU, 4,096 samples of 32x32 views per call and 2,048-view forwards; large views
-    keep one batch's memory (no fusion, the CPU's 512-view forwards); a CPU never fuses."""
+    keep one batch's memory (no fusion, 512-view forwards); a CPU never fuses, and its
+    forwards take 64 views of 32x32 (one of 224x224)."""
     import dataclasses
 
     from ffengine.engine.simclr_objective import SimclrObjective, backbone_batch
 
     obj = SimclrObjective(small["run"])
     assert obj.augment.size == 32
-    assert obj.fused_samples("cpu") == 1 and backbone_batch("cpu", 32) == 512
+    assert obj.fused_samples("cpu") == 1 and backbone_batch("cpu", 32) == 64
+    assert backbone_batch("cpu", 224) == 1 and backbone_batch("cpu", 16) == 256
     assert obj.fused_samples(torch.device("cuda")) == 4096 and backbone_batch("cuda", 32) == 2048
     obj.augment = dataclasses.replace(obj.augment, size=224)
     assert obj.fused_samples("cuda") == 83 and backbone_batch("cuda", 224) == 512

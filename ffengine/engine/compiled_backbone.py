@@ -5,9 +5,13 @@ and Inductor fuses its convolutions, batch norms and ReLUs into fewer passes ove
 the 2-core AMD EPYC dev machine it ran the demo's CIFAR ResNet 2.1-2.6x faster than NCHW
 eager (batch 256, float32; bench/README.md), its outputs within 3e-7 relative of eager's. Since
 the eager backbone went channels-last (1.3-1.5x faster on that CPU), the engine gains less
-from compiling: 1.15-1.4x on the demo's model, 1.3-1.4x on ResNet-18 (2026-12-04). The first
-call compiles, 15-35 s per process (Inductor's on-disk cache shortens later processes), so
-``"auto"`` compiles only a pass of at least :data:`AUTO_MIN_IMAGES` backbone images.
+from compiling: 1.15-1.4x on the demo's model, 1.3-1.4x on ResNet-18 (2026-12-04). Since the
+eager CPU backbone runs 64-view forwards with its batch norms folded (2026-12-04 evening:
+much of what compiling saved was the kernel zeroing the pages of large activations),
+compiling gains 0-2% on that CPU for a compile of 15-35 s, so ``"auto"`` runs eager on a
+CPU. On a GPU the first call compiles too (Inductor's on-disk cache shortens later
+processes), so ``"auto"`` compiles only a pass of at least :data:`AUTO_MIN_IMAGES` backbone
+images there.
 
 One compiled function serves every checkpoint's model (the model is an argument, so loading
 another checkpoint does not compile again) and every batch size (``dynamic=True``). The first
@@ -42,7 +46,11 @@ from ..options import COMPILE_MODES, check_choice
 # one core of the dev machine (4.0 -> 1.7-2.0 ms), paying for itself from 10,000-20,000
 # images; against channels-last eager (2026-12-04, two threads) it saves about 0.4 ms per image
 # on the demo's model (from 40,000-90,000 images) and 2.3 ms on ResNet-18 (from 7,000-15,000).
-# 50,000 stays: about break-even on the smallest model, a clear gain on larger ones.
+# 50,000 stays: about break-even on the smallest model, a clear gain on larger ones. Since
+# 2026-12-04 evening it applies on a GPU only: on the dev CPU the compiled engine ran 1.02x
+# the eager one on the demo's model (rounds interleaved, bench/experiments/backbone_batch_ab.py)
+# and 0.95-1.03x on ResNet-18 (bench/throughput.py), once the eager backbone ran 64-view
+# forwards with folded batch norms.
 AUTO_MIN_IMAGES = 50_000
 # Largest |compiled - eager| / max|eager| accepted on the first batch: float32 outputs differ
 # by ~3e-7 (operations fused in another order); bf16 autocast rounds at ~4e-3 per operation.
@@ -57,12 +65,15 @@ def _features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.features(x)
 
 
-def resolve_compile(mode: str, images: int, compilable: bool, reference: bool) -> bool:
-    """Whether a pass of ``images`` backbone images runs compiled under ``mode``.
+def resolve_compile(mode: str, images: int, compilable: bool, reference: bool,
+                    device: torch.device | str = "cpu") -> bool:
+    """Whether a pass of ``images`` backbone images on ``device`` runs compiled under
+    ``mode``.
 
     ``compilable``: the objective's backbone can run through :class:`BackboneRunner`
     (SimCLR's; CLIP's visual tower is split into its own pieces and runs eager).
-    ``reference``: the slow audit path, which "auto" keeps plain eager.
+    ``reference``: the slow audit path, which "auto" keeps plain eager. "auto" compiles on
+    a GPU only (see :data:`AUTO_MIN_IMAGES`).
     """
     check_choice("compile", mode, COMPILE_MODES)
     if mode == "off":
@@ -72,7 +83,8 @@ def resolve_compile(mode: str, images: int, compilable: bool, reference: bool) -
             raise ConfigError("compile 'on' is available for SimCLR runs only (their backbone "
                               "is one module); use compile 'auto' or 'off'.")
         return True
-    return compilable and not reference and images >= AUTO_MIN_IMAGES
+    return (compilable and not reference and torch.device(device).type != "cpu"
+            and images >= AUTO_MIN_IMAGES)
 
 
 class _CheckedCompiled:

@@ -2,7 +2,7 @@
 Engine / trace machinery (chunks, checkpoints, draws, resume, sharding) scores SimCLR and
 CLIP runs alike.
 
-An objective answers four questions for the run it belongs to:
+An objective answers these questions for the run it belongs to (5 and 6 optional):
 
 1. ``load_model(ckpt, device)``: the model of a checkpoint, eval mode, ``f(x)`` its embedding.
 2. ``cosine_gradients(model, x_b, x_r)``: the K stacked cosine gradients
@@ -21,7 +21,11 @@ An objective answers four questions for the run it belongs to:
    (:class:`~ffengine.engine.compiled_backbone.BackboneRunner`) that may compile it, and the
    views' colour stage through a swappable ``colour``
    (:class:`~ffengine.engine.compiled_backbone.ColourRunner`), compiled with it.
-5. Optional ``fused_samples(device)``: how many samples one ``score_batch`` call may take
+5. Optional ``scoring_model(model)``: the loaded model in the form the fast path scores
+   with (SimCLR folds the backbone's batch norms into its convolutions): the same outputs
+   up to float32 rounding, faster. The reference (``Engine(reference=True)``) scores the
+   model as loaded.
+6. Optional ``fused_samples(device)``: how many samples one ``score_batch`` call may take
    on ``device`` as several consecutive scoring batches of equal size (its ``groups``
    keyword), each batch its own negatives; objectives without it get one batch per call.
 

@@ -184,9 +184,10 @@ class Engine:
             units. How much scores move: bench/README.md.
         compile_backbone: "auto", "on" or "off": run the backbone forward, and the
             augmentation's colour stage that feeds it, through ``torch.compile``
-            (:mod:`ffengine.engine.compiled_backbone`; outputs within rounding of eager's,
-            2.1-2.6x faster on the dev CPU). "auto" compiles a pass of at least
-            ``AUTO_MIN_IMAGES`` backbone images of a SimCLR run, never the reference.
+            (:mod:`ffengine.engine.compiled_backbone`; outputs within rounding of eager's;
+            on the dev CPU no faster than the eager backbone with its batch norms folded).
+            "auto" compiles a pass of at least ``AUTO_MIN_IMAGES`` backbone images of a
+            SimCLR run on a GPU; never on a CPU, never the reference.
     """
 
     def __init__(self, run: Run | str | Path, checkpoints: str | Sequence[int] = "all",
@@ -293,7 +294,8 @@ class Engine:
                 **({"combine": self.combine} if self.combine != "mean" else {})}
 
     def prepare(self, instances: Sequence[Instance], index: SampleIndex) -> ScoringState:
-        """Load every selected checkpoint and take its stacked cosine gradient."""
+        """Load every selected checkpoint (in the objective's fast form, ``scoring_model``,
+        unless this is the reference) and take its stacked cosine gradient."""
         if not instances:
             raise ConfigError("score needs at least one backdoor instance.")
         has_caption = np.asarray(index.records["txt_size"]) >= 0
@@ -306,8 +308,13 @@ class Engine:
         self._set_backbone(len(index))
         xb = [inst.tensors(self.device)[0] for inst in instances]
         xr = [inst.tensors(self.device)[1] for inst in instances]
+        # the fast path's form of the model (SimCLR: batch norms folded into the backbone's
+        # convolutions); the reference scores the model as it was saved
+        fast_form = None if self.reference else getattr(self.objective, "scoring_model", None)
         for t, ckpt in enumerate(self.checkpoints):
             model = self.objective.load_model(ckpt, self.device)
+            if fast_form is not None:
+                model = fast_form(model)
             with ieee_float32(self.device):
                 g, c = self.objective.cosine_gradients(model, xb, xr)
             state.models.append(model)
@@ -332,7 +339,8 @@ class Engine:
         compilable = getattr(self.objective, "compilable", False)
         images = n * self.objective.views * self.draws * len(self.checkpoints)
         if compilable:
-            compiled = resolve_compile(self.compile_backbone, images, compilable, self.reference)
+            compiled = resolve_compile(self.compile_backbone, images, compilable, self.reference,
+                                       self.device)
             self.objective.backbone = BackboneRunner(compiled)
             self.objective.colour = ColourRunner(compiled)
 

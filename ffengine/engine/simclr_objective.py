@@ -12,6 +12,7 @@ import torch
 from ..data.augment import augment_batch, stream_id
 from ..data.packed import Images
 from ..models import SimCLRModel
+from ..models.resnet import fold_batchnorm
 from ..options import PRECISIONS
 from ..reference.scoring import score_batch_reference
 from ..run import Checkpoint, Run
@@ -20,7 +21,15 @@ from .cosine import cosine_gradients
 from .head import ghost_terms, head_signals, normalized_scores, scored_modules
 
 SCORE_STREAM = 1  # purpose tag of scoring views in the augmentation streams (pre-training: 0)
-BACKBONE_BATCH = 512  # views per backbone forward on a CPU
+# On a CPU, view pixels per backbone forward: 64 views of 32x32. Larger forwards allocate
+# activations above glibc's mmap threshold (32 MiB at most), and each such tensor is mapped,
+# zeroed page by page by the kernel and unmapped again on every forward: with the 256-view
+# forwards used until 2026-12-04 a fifth of an engine pass's CPU time went to the kernel, and
+# 64-view forwards ran the demo's eager backbone 1.3x faster (the engine 1.25x), ResNet-18's
+# 1.08x, on the 2-core dev VM (bench/experiments/backbone_batch_ab.py; bench/README.md).
+CPU_BACKBONE_PIXELS = 64 * 32 * 32
+# views per backbone forward on a GPU, at least (large views: see GPU_BACKBONE_PIXELS)
+GPU_BACKBONE_BATCH = 512
 # On a GPU, view pixels per score_batch call (scoring batches fused: 4,096 samples of 32x32
 # views) and per backbone forward (2,048 32x32 views): one call's kernels launch once for
 # many scoring batches. An H200 ran the demo's model at 0.30x plain inference with one
@@ -32,10 +41,11 @@ GPU_BACKBONE_PIXELS = 2048 * 32 * 32
 
 
 def backbone_batch(device: torch.device | str, size: int = 32) -> int:
-    """Views of ``size`` x ``size`` pixels per backbone forward on ``device``."""
+    """Views of ``size`` x ``size`` pixels per backbone forward on ``device``: 64 of 32x32
+    on a CPU (one for 224x224), 2,048 on a GPU (512 at least)."""
     if torch.device(device).type != "cuda":
-        return BACKBONE_BATCH
-    return max(BACKBONE_BATCH, GPU_BACKBONE_PIXELS // (size * size))
+        return max(1, CPU_BACKBONE_PIXELS // (size * size))
+    return max(GPU_BACKBONE_BATCH, GPU_BACKBONE_PIXELS // (size * size))
 
 
 def backbone_memory_format(device: torch.device | str) -> torch.memory_format:
@@ -76,6 +86,14 @@ class SimclrObjective:
         model = self.run.load_model(ckpt, device)
         # channels-last: see backbone_memory_format (new pre-training runs use it too)
         return model.to(memory_format=backbone_memory_format(device))
+
+    def scoring_model(self, model: SimCLRModel) -> SimCLRModel:
+        """The fast path's form of a loaded model: the backbone's batch norms folded into its
+        convolutions (:func:`~ffengine.models.resnet.fold_batchnorm`; features within float32
+        rounding); the head, whose layers are scored, untouched."""
+        model.backbone = fold_batchnorm(model.backbone).to(
+            memory_format=backbone_memory_format(next(model.parameters()).device))
+        return model
 
     def cosine_gradients(self, model: SimCLRModel, x_b: Sequence[torch.Tensor],
                          x_r: Sequence[torch.Tensor]):
