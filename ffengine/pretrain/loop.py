@@ -4,6 +4,7 @@ the last, each carrying the mean learning rate of the epochs it stands for (Eq. 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -15,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, ManifestMismatchError
+from ..heap import heap_retained
 from ..io_utils import atomic_write_json
 from ..run import MANIFEST, Run
 
@@ -53,25 +55,28 @@ def train_epochs(cfg, model: torch.nn.Module, opt: torch.optim.Optimizer, n: int
     lrs_since_ckpt: list[float] = []
     bar = tqdm(epochs, desc=desc, unit="epoch", disable=not progress,
                initial=epochs.start - 1, total=cfg.epochs)
-    for epoch in bar:
-        lr = epoch_lr(cfg, epoch)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        lrs_since_ckpt.append(lr)
-        model.train()
-        perm = np.random.default_rng([cfg.seed, epoch]).permutation(n)
-        t0, total = time.perf_counter(), 0.0
-        for b in range(n_batches):
-            total += train_batch(perm[b * bs: (b + 1) * bs], epoch)
-            step += 1
-        if train_s is not None:
-            train_s += time.perf_counter() - t0
-        bar.set_postfix(loss=f"{total / max(n_batches, 1):.3f}",
-                        **(postfix() if postfix else {}),
-                        ips=f"{n_batches * bs / (time.perf_counter() - t0):.0f}")
-        if epoch % cfg.ckpt_every == 0 or epoch == cfg.epochs:
-            save(epoch, step, float(np.mean(lrs_since_ckpt)), train_s)
-            lrs_since_ckpt = []
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    # on a CPU the steps' large activations would otherwise be mapped and zeroed anew each step
+    with heap_retained() if on_cpu else contextlib.nullcontext():
+        for epoch in bar:
+            lr = epoch_lr(cfg, epoch)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            lrs_since_ckpt.append(lr)
+            model.train()
+            perm = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+            t0, total = time.perf_counter(), 0.0
+            for b in range(n_batches):
+                total += train_batch(perm[b * bs: (b + 1) * bs], epoch)
+                step += 1
+            if train_s is not None:
+                train_s += time.perf_counter() - t0
+            bar.set_postfix(loss=f"{total / max(n_batches, 1):.3f}",
+                            **(postfix() if postfix else {}),
+                            ips=f"{n_batches * bs / (time.perf_counter() - t0):.0f}")
+            if epoch % cfg.ckpt_every == 0 or epoch == cfg.epochs:
+                save(epoch, step, float(np.mean(lrs_since_ckpt)), train_s)
+                lrs_since_ckpt = []
     return step
 
 
