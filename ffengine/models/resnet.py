@@ -97,9 +97,10 @@ def fold_batchnorm(backbone: CifarResNet) -> CifarResNet:
     """A copy of an eval-mode backbone with every BatchNorm folded into the convolution
     before it (a per-channel affine map of fixed statistics: the same features up to float32
     rounding, 2e-7 relative on the demo's model). Inference only: the folded batch norms no
-    longer learn. Each BatchNorm pass over the activations goes away: the demo's eager backbone
-    ran 1.17x faster on the dev CPU (64-view batches), ResNet-18 1.02x
-    (bench/experiments/backbone_batch_ab.py). Raises if the backbone is in training mode."""
+    longer learn. Each BatchNorm pass over the activations goes away: on the dev CPU the
+    demo's eager backbone ran 1.04x faster in 64-view forwards and 1.15x in 256-view ones
+    (bench/experiments/backbone_batch_ab.py), ResNet-18 1.05x (bench/throughput.py). Raises if
+    the backbone is in training mode."""
     if backbone.training:
         raise ValueError("fold_batchnorm folds the running statistics of an eval-mode "
                          "backbone; call .eval() first.")
