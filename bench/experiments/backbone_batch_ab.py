@@ -33,6 +33,7 @@ from ffengine.data.index import SampleIndex  # noqa: E402
 from ffengine.data.loader import iter_chunks  # noqa: E402
 from ffengine.engine import simclr_objective  # noqa: E402
 from ffengine.engine.instance import load_instance  # noqa: E402
+from ffengine.engine.objective import objective_for  # noqa: E402
 from ffengine.engine.scoring import Engine  # noqa: E402
 from ffengine.engine.simclr_objective import backbone_memory_format  # noqa: E402
 from ffengine.run import Run  # noqa: E402
@@ -66,7 +67,7 @@ def main() -> int:
     build_setup(root, a.model, n)
     run, index = Run(root / "run"), SampleIndex(root / "index")
     insts = [load_instance(root / "instances" / "00")]
-    objective = Engine(run, checkpoints="last", progress=False).objective
+    objective = objective_for(run)
     model = objective.load_model(run.checkpoints[-1])
     folded = objective.scoring_model(objective.load_model(run.checkpoints[-1]))
     fmt = backbone_memory_format("cpu")
