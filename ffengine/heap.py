@@ -7,7 +7,7 @@ activations again: 2.2 million minor faults and a sixth of the CPU time in the k
 five steps on the 2-core dev VM (2026-12-04). Inside :func:`heap_retained`, large blocks
 come from the heap and freed memory stays there for the next step: 4 epochs of the demo's
 pre-training took 136 s instead of 183 (1.34x; the same weights bit for bit) for a peak
-resident memory of 2.5 GiB instead of 1.5, which stayed flat over 16 epochs
+resident memory of 2.45 GiB instead of 1.42, which stayed flat over 16 epochs
 (bench/README.md, "CPU: 64-view forwards, folded batch norms"). Scoring does not need it:
 its backbone forwards are small enough to stay under the threshold.
 """
