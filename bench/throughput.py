@@ -240,12 +240,11 @@ def _scoring_setup(run, index, insts, device: str):
     from ffengine.engine.head import scored_parameters
     from ffengine.engine.scoring import Engine
 
-    eng = Engine(run, checkpoints="last", progress=False, device=device)
+    # reference=True: the model as saved, as plain autograd code would run it (the fast
+    # path folds the backbone's batch norms), loaded once with its cosine gradients
+    eng = Engine(run, checkpoints="last", progress=False, device=device, reference=True)
     state = eng.prepare(insts, index)  # a prefix of the run's data: no index check
-    grads = state.grads[0]
-    # the model as saved, as plain autograd code would run it (the engine's fast path folds
-    # the backbone's batch norms)
-    model = eng.objective.load_model(eng.checkpoints[0], device)
+    model, grads = state.models[0], state.grads[0]
     params = dict(scored_parameters(model, run.manifest["scored_layers"]))
     G = torch.cat([grads[k].reshape(grads[k].shape[0], -1) for k in params], 1)
     return eng, model, grads, params, G
