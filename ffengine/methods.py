@@ -64,22 +64,21 @@ METHODS: dict[str, Method] = {
     # tail than one draw's, and k = 3 flags 5-11% of the clean set on them
     "last-max16x5-k6": Method(checkpoints="last", draws=16, aggregate="max", instances=5,
                               k=6.0),
+    # the final checkpoint, the mean over 16 augmentation draws, one instance, the paper's
+    # k = 3: averaging the draws keeps the crop signal of 16 draws without the heavier
+    # right tail that the max gives clean inputs
+    "last-mean16": Method(checkpoints="last", draws=16, aggregate="mean"),
 }
 # chosen by the harness's rule (best worst-case DACC over the configurations where the attack
-# took, docs/RESULTS.md) on 3 PE-II 10% runs (seeds 0, 1, 2): worst DACC 0.935, FPR 0.037,
-# FNR 0.526, AUC 0.958, against the paper's 0.885, 0.065, 0.716, 0.772; three more runs that
-# took (10-pixel trigger, combined pattern, random location) kept the pick and moved its worst
-# DACC to 0.933 and FPR to 0.067 (the combined pattern); a seventh and an eighth (the logo
-# pattern: DACC 0.941, FPR 0.059, FNR 0.062; seed 3: 0.937, 0.066, 0.042), a ninth and a
-# tenth (seed 4: 0.945, 0.053, 0.074; PE-I at 20%: 0.976, 0.021, 0.043) left the worst case
-# as it was; the three runs pre-trained to 150 epochs (docs/PREREGISTRATION.md) moved its
-# worst FPR to 0.069 (seed 3: DACC 0.937, FNR 0.000), and the two pre-registered candidates
-# (the instances' minimum, k = 9) lost to it on seed 1. The automobile-target run continued
-# to 150 epochs (session 22, the first non-truck target that took) moved its worst DACC to
-# 0.912 and FPR to 0.096, and with it the rule picks the harness's `last-mean16` (worst DACC
-# 0.9125: one input of 5,500 ahead; worst FPR 0.081, FNR 0.400): the switch is pending
-# (docs/PREREGISTRATION.md, session 22)
-DEFAULT_METHOD = "last-max16x5-k6"
+# took, docs/RESULTS.md). From 2026-11-25 to 2026-12-04 it was `last-max16x5-k6`, picked on 3
+# PE-II 10% runs and kept over 14 more (its worst case: DACC 0.933, FPR 0.071, FNR 0.526, AUC
+# 0.958). The automobile-target run continued to 150 epochs (session 22, the first non-truck
+# target that took) moved that to DACC 0.912 and FPR 0.096, and over the 18 SimCLR
+# configurations that took the rule then picks `last-mean16`: worst DACC 0.9125 against
+# 0.9124 (one input of 5,500), worst FPR 0.081 against 0.096, FNR 0.400 against 0.526, but
+# worst AUC 0.786 against 0.958 (it ranks the weakest backdoors' poisons worse; it flags fewer
+# clean inputs). Switched on 2026-12-04 (session 23; docs/PREREGISTRATION.md)
+DEFAULT_METHOD = "last-mean16"
 # CLIP scores one fixed view of each image, so its default is a one-draw method: the
 # harness's rule (docs/RESULTS.md) on 13 configurations (Carlini-Terzis 1, 2 and 5%, seeds
 # 0-4 and target airplane at 5%; CorruptEncoder 15%, seeds 0-4) picks `last-x5`: worst DACC
