@@ -237,7 +237,8 @@ def cmd_trace(a: argparse.Namespace) -> int:
     from .run import Run
     from .trace import trace
 
-    m = get_method(a.method or default_method_for(Run(a.run)))
+    method = a.method or default_method_for(Run(a.run))
+    m = get_method(method)
     ckpts = a.checkpoints or m.checkpoints
     if ckpts not in ("all", "last"):
         ckpts = [int(x) for x in ckpts.split(",")]
@@ -270,6 +271,11 @@ def cmd_trace(a: argparse.Namespace) -> int:
                      + ("applied" if sp["applied"] else "not clear enough, MAD flags kept"))
     if summary.get("reference_class") and summary["n_flagged"]:
         lines.append(format_reference_class_share(summary["reference_class"]))
+    if len(a.instance) != m.instances:
+        # the detection figures in docs/RESULTS.md are for the method's own instance count
+        lines.append(f"method {method} was measured (docs/RESULTS.md) with {m.instances} "
+                     f"instance(s); {len(a.instance)} given, their scores combined by "
+                     f"{combine}.")
     lines.append((Path(a.output) / "domains.txt").read_text().rstrip())
     _emit(summary, a.json, "\n".join(lines))
     return 0

@@ -25,6 +25,7 @@ from ffengine.engine.backdoor import (
 )
 from ffengine.engine.scoring import Engine
 from ffengine.errors import ConfigError, DataError, ManifestMismatchError
+from ffengine.methods import DEFAULT_METHOD, METHODS
 from ffengine.pretrain.simclr import PretrainConfig, pretrain
 from ffengine.run import Run
 
@@ -361,9 +362,12 @@ def test_cli_end_to_end(small, tmp_path, capsys):
     root = small["root"]
     data, run, inst, out = tmp_path / "data", tmp_path / "run", tmp_path / "inst", tmp_path / "t"
 
+    printed = {}
+
     def call(*args):
         assert main([str(a) for a in args]) == 0
-        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        printed["out"] = capsys.readouterr().out
+        return json.loads(printed["out"].strip().splitlines()[-1])
 
     p = call("poison", "--clean", root / "clean", "--aux", root / "aux", "-o", data,
              "--poison-rate", "0.1", "--json", "--quiet")
@@ -403,6 +407,10 @@ def test_cli_end_to_end(small, tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.startswith(f"flagged {t['n_flagged']} of 106 inputs")
     assert ("the class of x_r" in text) == (t["n_flagged"] > 0)
+    # three instances against the default's measured count: said, with how they combine
+    n_default = METHODS[DEFAULT_METHOD].instances
+    assert (f"method {DEFAULT_METHOD} was measured (docs/RESULTS.md) with {n_default} "
+            f"instance(s); 3 given, their scores combined by mean." in text) == (n_default != 3)
     # a named method sets checkpoints / draws / aggregate / k; explicit options override
     t2 = call("trace", "--run", run, "--index", data / "index", "--instance", inst, "-o",
               tmp_path / "t2", "--method", "last-max16x5", "--draws", 2, "--json", "--quiet")
@@ -413,6 +421,8 @@ def test_cli_end_to_end(small, tmp_path, capsys):
     np.testing.assert_allclose(np.load(tmp_path / "t2" / "scores.npy")[:, 0],
                                terms[0, :, :, 0].max(0), rtol=1e-6)
     assert t2["n"] == 106
+    assert ("method last-max16x5 was measured (docs/RESULTS.md) with 5 instance(s); 1 given"
+            in printed["out"])
     # --combine min: the detection score is the instances' minimum, recorded as an option
     t4 = call("trace", "--run", run, "--index", data / "index", "--instance", inst,
               *two["instances"], "-o", tmp_path / "t4", "--checkpoints", "last",
