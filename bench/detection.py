@@ -237,9 +237,10 @@ GRIDS = {
     # Seed 3's square-trigger run joined it on 2026-12-03 (entry 3), a third configuration,
     # and seed 4's after entry 4 (a test of it). Target class 1 (automobile, 2026-12-04,
     # session 22): its 75-epoch run fell just short of taking; does it take at 150?
+    # Seed 6 (session 23, entry 5): the new default's first 150-epoch run out of sample.
     "longer": [replace(_base, trigger_shape=t, epochs=150) for t in ("logo", "combined")]
     + [replace(_base, seed=s, epochs=150) for s in (3, 4)]
-    + [replace(_base, target_class=1, epochs=150)],
+    + [replace(_base, target_class=1, epochs=150), replace(_base, seed=6, epochs=150)],
     # the random-location trigger with more seeds (added 2026-12-03, docs/PREREGISTRATION.md
     # entry 4): at 75 epochs the only run whose flagged set Otsu's split divided, in sample
     "random-location": [replace(_base, trigger_location="random", seed=s) for s in (1, 2)],
