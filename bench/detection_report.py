@@ -429,6 +429,84 @@ def preregistered_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+# Entry 5 (docs/PREREGISTRATION.md): the default moved to `last-mean16`, picked by the rule on
+# these 18 SimCLR runs; every later SimCLR run where the attack took tests its predictions
+SWITCH = {"method": "last-mean16", "former": REGISTERED_AGAINST,
+          "picked_on": (
+              "pe1-r20-s8-br-square-t9-seed0-small-e75",
+              "pe2-r10-s10-br-square-t9-seed0-small-e75",
+              "pe2-r10-s8-br-combined-t9-seed0-small-e150",
+              "pe2-r10-s8-br-combined-t9-seed0-small-e75",
+              "pe2-r10-s8-br-logo-t9-seed0-small-e150",
+              "pe2-r10-s8-br-logo-t9-seed0-small-e75",
+              "pe2-r10-s8-br-square-t1-seed0-small-e150",
+              "pe2-r10-s8-br-square-t9-seed0-small-e75",
+              "pe2-r10-s8-br-square-t9-seed1-small-e75",
+              "pe2-r10-s8-br-square-t9-seed2-small-e75",
+              "pe2-r10-s8-br-square-t9-seed3-small-e150",
+              "pe2-r10-s8-br-square-t9-seed3-small-e75",
+              "pe2-r10-s8-br-square-t9-seed4-small-e150",
+              "pe2-r10-s8-br-square-t9-seed4-small-e75",
+              "pe2-r10-s8-br-square-t9-seed5-small-e75",
+              "pe2-r10-s8-r-square-t9-seed0-small-e75",
+              "pe2-r10-s8-r-square-t9-seed1-small-e75",
+              "pe2-r10-s8-r-square-t9-seed2-small-e75")}
+
+
+def switch_predictions(new: dict, former: dict, worst: float) -> list[tuple[str, bool]]:
+    """Entry 5's predictions for one run where the attack took, as registered by its epoch
+    count: at 75 epochs the new default keeps its worst case, misses more poisons than the
+    former default and has a lower DACC, and flags over 1% of the clean inputs and over 10%
+    of the clean target-class images; at 150 epochs it has a higher DACC than the former
+    default and keeps its worst case."""
+    keeps = ("DACC ≥ in-sample worst", new["dacc"] >= worst)
+    epochs = _length(new["config"])[1]
+    if epochs == 150:
+        return [("DACC above the former's", new["dacc"] > former["dacc"]), keeps]
+    return [keeps, ("FNR above the former's", new["fnr"] > former["fnr"]),
+            ("DACC below the former's", new["dacc"] < former["dacc"]),
+            ("FPR > 0.01, target > 0.10",
+             new["fpr"] > 0.01 and (new.get("fpr_target") or 0) > 0.10)]
+
+
+def switch_lines(rows: list[dict]) -> list[str]:
+    """Entry 5: the default `last-mean16` against the former default on every SimCLR run
+    where the attack took that it was not picked on, with its predictions' verdicts."""
+    by = {(r["config"], r["method"]): r for r in rows}
+    new, former = SWITCH["method"], SWITCH["former"]
+    picked = [by[(c, new)] for c in SWITCH["picked_on"] if (c, new) in by]
+    if not picked:
+        return []
+    worst = min(r["dacc"] for r in picked)
+    lines = [f"`{new}` (entry 5, the default since 2026-12-04) out of sample: every SimCLR run "
+             f"where the attack took, other than the {len(picked)} it was picked on (worst "
+             f"DACC there {worst:.4f}), against `{former}`. Predictions as registered: at 75 "
+             "epochs, a DACC at least that worst, a higher FNR and a lower DACC than the "
+             "former default's, FPR above 0.01 and above 0.10 among the clean target-class "
+             "images; at 150 epochs, a higher DACC than the former default's and at least "
+             "that worst.", "",
+             "| config | DACC (new / former) | FPR | FNR | AUC | predictions |",
+             "|---|---|---|---|---|---|"]
+    tally = []
+    for r in sorted((r for r in rows if r["method"] == new and r["took"]
+                     and r.get("attack") not in CLIP_ATTACKS
+                     and r["config"] not in SWITCH["picked_on"]), key=lambda r: r["config"]):
+        b = by.get((r["config"], former))
+        if b is None:
+            continue
+        verdicts = switch_predictions(r, b, worst)
+        tally += [held for _, held in verdicts]
+        lines.append(f"| {r['config']} | {r['dacc']:.3f} / {b['dacc']:.3f} | "
+                     f"{r['fpr']:.3f} / {b['fpr']:.3f} | {r['fnr']:.3f} / {b['fnr']:.3f} | "
+                     f"{r['auc']:.3f} / {b['auc']:.3f} | "
+                     + "; ".join(f"{name}: {'holds' if held else 'fails'}"
+                                 for name, held in verdicts) + " |")
+    lines += ["", f"`{new}` out of sample: " + (
+        f"{sum(tally)} of {len(tally)} predictions held." if tally else
+        "no run yet, so its predictions are untested.")]
+    return lines
+
+
 # Threshold rules pre-registered in docs/PREREGISTRATION.md: a rule on one method's committed
 # per-sample scores (the ranking is that method's; only the flagged set changes). Entry 4 was
 # picked on 2026-12-03 looking at every run whose scores were committed then (ab566ac).
@@ -622,6 +700,8 @@ def write_markdown(rows: list[dict]) -> None:
         lines.append(f"| {c} | {paper} | {cells[0]} | {cells[1]} | {doms} |")
     lines += ["", *coverage_lines(rows)]
     lines += ["", *preregistered_lines(rows), "", *split_rule_lines(rows)]
+    if switch := switch_lines(rows):
+        lines += ["", *switch]
     if longer := longer_lines(rows):
         lines += ["", *longer]
     lines += ["", "## Methods", "", "| method | what it does |", "|---|---|"]

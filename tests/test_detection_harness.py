@@ -569,3 +569,37 @@ def test_new_traces_run_with_the_backend_and_backbone_mode_asked_for(tmp_path, m
         assert (seen[-1]["backend"], seen[-1]["compile_backbone"]) == want
     with pytest.raises(SystemExit):  # argparse: an unknown backend is refused up front
         detection.main(["--config", cfg.name, "--backend", "gpu"])
+
+
+def test_switch_lines_judge_entry_5_by_epochs_out_of_sample_only():
+    new, former = report.SWITCH["method"], report.SWITCH["former"]
+    picked = report.SWITCH["picked_on"]
+    assert len(picked) == 18 and len(set(picked)) == 18 and new != former
+
+    def row(config, method, dacc, fnr, fpr=0.04, fpr_target=0.3, **kw):
+        return {**_row(config, method, dacc, **kw), "fnr": fnr, "fpr": fpr,
+                "fpr_target": fpr_target}
+
+    rows = [row(picked[0], new, 0.91, 0.3), row(picked[1], new, 0.95, 0.1),  # worst: 0.91
+            row(picked[0], former, 0.93, 0.1),
+            # 75 epochs: all four hold
+            row("x-e75", new, 0.92, 0.25), row("x-e75", former, 0.96, 0.18),
+            # 75 epochs: under the worst, FNR lower, DACC higher, FPR at the paper's bound
+            row("y-e75", new, 0.90, 0.1, fpr=0.005), row("y-e75", former, 0.89, 0.2),
+            # 150 epochs: higher DACC holds, the worst case holds
+            row("z-e150", new, 0.96, 0.03), row("z-e150", former, 0.94, 0.0),
+            # neither a run that did not take, nor CLIP, nor one without the former default
+            row("u-e75", new, 0.5, 0.9, took=False), row("u-e75", former, 0.9, 0.1, took=False),
+            row("c-e30", new, 0.5, 0.9, attack="ct"), row("c-e30", former, 0.9, 0.1,
+                                                             attack="ct"),
+            row("lone-e75", new, 0.99, 0.0)]
+    lines = report.switch_lines(rows)
+    assert "(worst DACC there 0.9100)" in lines[0]
+    body = {ln.split(" | ")[0][2:]: ln for ln in lines if ln.startswith("| ") and "-e" in ln}
+    assert set(body) == {"x-e75", "y-e75", "z-e150"}
+    assert body["x-e75"].count("holds") == 4
+    assert body["y-e75"].count("fails") == 4
+    assert body["z-e150"].endswith("DACC above the former's: holds; "
+                                   "DACC ≥ in-sample worst: holds |")
+    assert lines[-1] == f"`{new}` out of sample: 6 of 10 predictions held."
+    assert report.switch_lines([r for r in rows if r["config"] not in picked]) == []
