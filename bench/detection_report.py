@@ -51,7 +51,7 @@ WHY_CAUSES = [
     "cluster, training on clean target-class images raises cos(x_b, x_r) too (FPR target vs "
     "other in the last table). Here the target class is 10% of the clean data (500 images), "
     "so these false positives weigh in FPR ten times more than a class holding 1% would. "
-    "They follow how close a class is to x_r's: on the 16 truck-target SimCLR runs that took, "
+    "They follow how close a class is to x_r's: on the 17 truck-target SimCLR runs that took, "
     "`last-max16x5-k6` flags 0.8–12% of the clean automobiles (the class nearest the truck) "
     "against 0.1–1.6% of the other eight non-target classes together; on the "
     "automobile-target run (2026-12-04; the attack fell just short of taking, ASR 0.454), "

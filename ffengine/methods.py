@@ -78,8 +78,8 @@ METHODS: dict[str, Method] = {
 # 0.9124 (one input of 5,500), worst FPR 0.081 against 0.096, FNR 0.400 against 0.526, but
 # worst AUC 0.786 against 0.958 (it ranks the weakest backdoors' poisons worse; it flags fewer
 # clean inputs). Switched on 2026-12-04 (session 23; docs/PREREGISTRATION.md entry 5); its
-# first run out of sample, seed 6, left its worst case as it was (DACC 0.940 there, against
-# `last-max16x5-k6`'s 0.965)
+# first runs out of sample, seed 6 at 75 and 150 epochs, left its worst case as it was (DACC
+# 0.940 and 0.974 there, against `last-max16x5-k6`'s 0.965 and 0.937)
 DEFAULT_METHOD = "last-mean16"
 # CLIP scores one fixed view of each image, so its default is a one-draw method: the
 # harness's rule (docs/RESULTS.md) on 13 configurations (Carlini-Terzis 1, 2 and 5%, seeds
