@@ -592,14 +592,17 @@ def test_switch_lines_judge_entry_5_by_epochs_out_of_sample_only():
             row("u-e75", new, 0.5, 0.9, took=False), row("u-e75", former, 0.9, 0.1, took=False),
             row("c-e30", new, 0.5, 0.9, attack="ct"), row("c-e30", former, 0.9, 0.1,
                                                              attack="ct"),
-            row("lone-e75", new, 0.99, 0.0)]
+            row("lone-e75", new, 0.99, 0.0),
+            # another length: only the worst case was registered for it
+            row("w-e100", new, 0.92, 0.3), row("w-e100", former, 0.99, 0.0)]
     lines = report.switch_lines(rows)
     assert "(worst DACC there 0.9100)" in lines[0]
     body = {ln.split(" | ")[0][2:]: ln for ln in lines if ln.startswith("| ") and "-e" in ln}
-    assert set(body) == {"x-e75", "y-e75", "z-e150"}
+    assert set(body) == {"x-e75", "y-e75", "z-e150", "w-e100"}
+    assert body["w-e100"].endswith("| DACC ≥ in-sample worst: holds |")
     assert body["x-e75"].count("holds") == 4
     assert body["y-e75"].count("fails") == 4
     assert body["z-e150"].endswith("DACC above the former's: holds; "
                                    "DACC ≥ in-sample worst: holds |")
-    assert lines[-1] == f"`{new}` out of sample: 6 of 10 predictions held."
+    assert lines[-1] == f"`{new}` out of sample: 7 of 11 predictions held."
     assert report.switch_lines([r for r in rows if r["config"] not in picked]) == []
