@@ -486,7 +486,7 @@ def switch_lines(rows: list[dict]) -> list[str]:
              "epochs, a DACC at least that worst, a higher FNR and a lower DACC than the "
              "former default's, FPR above 0.01 and above 0.10 among the clean target-class "
              "images; at 150 epochs, a higher DACC than the former default's and at least "
-             "that worst.", "",
+             "that worst; at other lengths, only at least that worst.", "",
              "| config | DACC (new / former) | FPR | FNR | AUC | predictions |",
              "|---|---|---|---|---|---|"]
     tally = []
@@ -655,7 +655,8 @@ def write_markdown(rows: list[dict]) -> None:
              + (f" **The product's default is still `{DEFAULT_METHOD}`**: switching to the "
                 "rule's pick (ffengine/methods.py, the demo, the docs) is not made yet."
                 if s["best_by_rule"] not in (None, DEFAULT_METHOD) else "")
-             + f" The pick moved from `{REGISTERED_AGAINST}` to `last-mean16` with the run of "
+             + f" The pick moved from `{REGISTERED_AGAINST}` to `{SWITCH['method']}` with the "
+             "run of "
              "2026-12-04 (target class 1 at 150 epochs), by one input of 5,500 in worst DACC "
              "and ahead in worst FPR and FNR, behind in worst AUC (the table of worst cases "
              "below); the product switched the same day (docs/PREREGISTRATION.md, sessions "
